@@ -1,0 +1,20 @@
+"""The Dagster entry point: every asset, check, sensor, schedule and resource of the flywheel.
+
+`dagster dev` finds this module through `[tool.dagster]` in pyproject.toml; `make dev` / `flywheel dev`
+also point DAGSTER_HOME at `$FLYWHEEL_HOME/dagster` so runs are stored with the rest of the state.
+"""
+
+from __future__ import annotations
+
+from dagster import Definitions, load_assets_from_modules
+
+import assets.warehouse
+from assets.resources import ProjectConfigResource, WarehouseResource
+
+defs = Definitions(
+    assets=load_assets_from_modules([assets.warehouse]),
+    resources={
+        "warehouse": WarehouseResource(),
+        "project": ProjectConfigResource(),
+    },
+)
