@@ -10,9 +10,12 @@ from dagster import Definitions, load_assets_from_modules
 
 import assets.warehouse
 from assets.resources import ProjectConfigResource, WarehouseResource
+from sensors.production_logs import ingest_landing_job, production_log_sensor
 
 defs = Definitions(
     assets=load_assets_from_modules([assets.warehouse]),
+    jobs=[ingest_landing_job],
+    sensors=[production_log_sensor],
     resources={
         "warehouse": WarehouseResource(),
         "project": ProjectConfigResource(),

@@ -203,9 +203,16 @@ class Chunk:
 # --- reading files -------------------------------------------------------------------------------
 
 
-def _decompressed_blocks(f: io.BufferedReader, gz: bool, report: FileReport, read_size: int) -> Iterator[bytes]:
+def _decompressed_blocks(
+    f: io.BufferedReader, gz: bool, report: FileReport, read_size: int, limit: int | None = None
+) -> Iterator[bytes]:
     if not gz:
-        while block := f.read(read_size):
+        remaining = limit
+        while (remaining is None or remaining > 0) and (
+            block := f.read(read_size if remaining is None else min(read_size, remaining))
+        ):
+            if remaining is not None:
+                remaining -= len(block)
             yield block
         return
     dec = zlib.decompressobj(wbits=47)  # gzip or zlib header, auto-detected
@@ -233,6 +240,7 @@ def iter_chunks(
     *,
     chunk_lines: int = 131_072,
     start_offset: int = 0,
+    end_offset: int | None = None,
     max_line_bytes: int = 64 << 20,
     read_size: int = 8 << 20,
     complete_lines_only: bool = False,
@@ -243,7 +251,8 @@ def iter_chunks(
     CR line endings and byte-order marks are stripped (and counted); blank lines are counted and
     skipped. A line longer than `max_line_bytes` is kept truncated and flagged, never held whole.
     With `complete_lines_only`, a last line without a terminator is left for a later run (a file
-    still being written); `report.next_offset` says where to resume.
+    still being written); `report.next_offset` says where to resume. `end_offset` stops reading
+    there (a byte range of a growing file, as the production-log sensor hands out).
     """
     raws: list[bytes] = []
     offsets: list[int] = []
@@ -282,15 +291,16 @@ def iter_chunks(
 
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
-        if start_offset and gz:
-            raise ValueError(f"{path}: cannot resume a gzip file at byte {start_offset}; ingest it whole")
+        if (start_offset or end_offset is not None) and gz:
+            raise ValueError(f"{path}: a gzip file cannot be read by byte range; ingest it whole")
         remaining = start_offset  # line numbers count from the start of the file
         while remaining > 0 and (block := f.read(min(read_size, remaining))):
             number += block.count(b"\n")
             remaining -= len(block)
         f.seek(start_offset)
         last_pos = f.tell()
-        for block in _decompressed_blocks(f, gz, report, read_size):
+        limit = None if end_offset is None else max(0, end_offset - start_offset)
+        for block in _decompressed_blocks(f, gz, report, read_size, limit):
             if progress:
                 pos = f.tell()
                 progress(pos - last_pos)
@@ -742,10 +752,11 @@ class Ingester:
         path: Path,
         *,
         start_offset: int = 0,
+        end_offset: int | None = None,
         complete_lines_only: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> FileReport:
-        """Ingest one file (from `start_offset`); returns its report (invariant checked)."""
+        """Ingest one file, or its byte range [start_offset, end_offset); returns its report."""
         path = Path(path).resolve()
         report = FileReport(str(path), next_offset=start_offset)
         chunks = iter_chunks(
@@ -753,6 +764,7 @@ class Ingester:
             report,
             chunk_lines=self.chunk_lines,
             start_offset=start_offset,
+            end_offset=end_offset,
             max_line_bytes=self.max_line_bytes,
             complete_lines_only=complete_lines_only,
             progress=progress,

@@ -226,3 +226,16 @@ def test_gzip_and_plain_give_the_same_events(tmp_path, home, gz) -> None:
     report = Ingester(store, chunk_lines=16).ingest_file(write(tmp_path / ("x.jsonl.gz" if gz else "x.jsonl"), lines, gz=gz))
     assert (report.read, report.ingested) == (50, 50)
     assert store.head() == 50
+
+
+def test_byte_ranges_cover_a_file_exactly_once(tmp_path, store) -> None:
+    lines = [line(record(i)) for i in range(12)]
+    path = write(tmp_path / "ranges.jsonl", lines)
+    cuts = [0, sum(len(x) + 1 for x in lines[:5]), sum(len(x) + 1 for x in lines[:9]), path.stat().st_size]
+    reports = [Ingester(store).ingest_file(path, start_offset=a, end_offset=b, complete_lines_only=True)
+               for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert [r.ingested for r in reports] == [5, 4, 3]
+    assert [r.next_offset for r in reports] == cuts[1:]
+    assert store.head() == 12
+    bad = read_quarantine(store)
+    assert bad == []
