@@ -156,6 +156,115 @@ class SubjectShredded(Event):
     request_id: str | None = None
 
 
+# --- data and model lineage -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardMaterialized(Event):
+    """A curated shard version was written and tracked (DVC) — lineage reaches every version."""
+
+    stage: str  # raw / clean / dedup
+    source: str
+    path: str  # the tracked path, relative to the DVC repository
+    dvc_md5: str
+    content_digest: str
+    sample_ids_digest: str
+    rows: int
+    manifest: str  # where the version's manifest lives (a copy kept per version)
+    data_version: str
+    dagster_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointTrained(Event):
+    """A checkpoint was trained on exact inputs; the manifest lists every sample id it saw."""
+
+    stage: str  # pretrain / sft / dpo
+    model_name: str
+    model_version: str | None  # the registry version, when registered
+    checkpoint_path: str
+    checkpoint_md5: str | None
+    inputs_manifest: str  # Parquet: sample_id, source, shard md5, subject_id, ...
+    inputs_digest: str
+    samples: int
+    parent_model_version: str | None = None
+    mlflow_run_id: str | None = None
+    dagster_run_id: str | None = None
+    metrics: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class EvalScored(Event):
+    """A model version was scored on a sealed suite; per-item results are in `items_path`."""
+
+    model_name: str
+    model_version: str
+    suite: str
+    summary: dict[str, float]
+    items_path: str
+    items_digest: str
+    eval_set_digest: str
+    contamination_check_passed: bool
+
+
+@dataclass(frozen=True)
+class ModelPromoted(Event):
+    model_name: str
+    model_version: str
+    previous_version: str | None
+    gates: list[dict]
+    forced: bool = False
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class PromotionRejected(Event):
+    model_name: str
+    model_version: str
+    champion_version: str | None
+    gates: list[dict]
+
+
+@dataclass(frozen=True)
+class ModelRolledBack(Event):
+    model_name: str
+    from_version: str
+    to_version: str
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointTainted(Event):
+    """A model version was trained on data that has since been erased."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ErasureCompleted(Event):
+    """Erasure of a subject finished; the receipt says what was found and removed, per store."""
+
+    request_id: str
+    receipt: dict
+    verified: bool
+
+
+@dataclass(frozen=True)
+class AlertRaised(Event):
+    """Production health crossed a threshold (drift, failure rate)."""
+
+    kind: str
+    metric: str
+    value: float
+    threshold: float
+    detail: dict | None = None
+
+
 @dataclass(frozen=True)
 class UnknownEvent:
     """An event whose type this code does not know: kept and readable, never an error."""
@@ -167,14 +276,12 @@ class UnknownEvent:
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type_name(): cls
-    for cls in (InteractionLogged, FeedbackGiven, ErasureRequested, AccessRequested, SubjectShredded)
+    for cls in (
+        InteractionLogged, FeedbackGiven, ErasureRequested, AccessRequested, SubjectShredded,
+        ShardMaterialized, CheckpointTrained, EvalScored, ModelPromoted, PromotionRejected, ModelRolledBack,
+        CheckpointTainted, ErasureCompleted, AlertRaised,
+    )
 }
-
-
-def register(cls: type[Event]) -> type[Event]:
-    """Make an event class decodable by name (used by later stages' event modules)."""
-    EVENT_TYPES[cls.type_name()] = cls
-    return cls
 
 
 @dataclass(frozen=True)
