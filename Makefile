@@ -1,4 +1,6 @@
 # llm-flywheel — every target installs into .venv first (idempotent: only when the lock changed).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,9 +13,9 @@ export DAGSTER_DISABLE_TELEMETRY := true
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet -r requirements.lock 2>&1 | sed '/is ignored: it is neither/d'
+	$(PY) -m pip check
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | sed '/Warning\|!!\|\*\*\*\|^ *$$/d' 
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -84,6 +84,9 @@ EVENT_COLUMNS = (
 )
 
 
+SMALL_BATCH = 256  # below this, lookups use list parameters instead of registering Arrow tables
+
+
 class StoreError(Exception):
     """Base class of event-store errors."""
 
@@ -408,19 +411,13 @@ def _append(
     n = batch.num_rows
     status = np.zeros(n, dtype=np.int8)  # 0 new, 1 duplicate, 2 conflict
     batch = batch.append_column("idx", pa.array(np.arange(n, dtype=np.int64)))
-    con.register("_batch", batch)
+    small = n <= SMALL_BATCH
+    if not small:
+        con.register("_batch", batch)
     try:
         # Ids already in the log. Personal data is compared by decrypting both sides: ciphertexts
         # differ by nonce, and the log keeps no plaintext fingerprint that could outlive the key.
-        matches = con.execute(
-            """
-            WITH hit AS (SELECT b.idx FROM _batch b SEMI JOIN events e ON e.event_id = b.event_id::UUID)
-            SELECT b.idx, e.type = b.type AND e.stream_id = b.stream_id AND e.payload::VARCHAR = b.payload,
-                   b.event_id, b.subject_id, e.pii, b.pii
-            FROM _batch b JOIN hit USING (idx) JOIN events e ON e.event_id = b.event_id::UUID
-            """
-        ).fetchall()
-        for idx, same_public, event_id, subject_id, old_pii, new_pii in matches:
+        for idx, same_public, event_id, subject_id, old_pii, new_pii in _existing(con, batch, small):
             same = same_public and _same_personal(keys, event_id, subject_id, old_pii, new_pii)
             status[idx] = 1 if same else 2
         _classify_in_batch(batch, status, keys)
@@ -435,17 +432,22 @@ def _append(
 
         new = batch.take(pa.array(new_idx)) if len(new_idx) < n else batch
         new = new.drop_columns(["idx"])
-        con.register("_new", new)
-        current = dict(
-            con.execute(
-                """
-                SELECT stream_id, max(stream_version) FROM events
-                WHERE stream_id IN (SELECT stream_id FROM _new UNION ALL SELECT unnest(?::VARCHAR[]))
-                GROUP BY stream_id
-                """,
-                [list(expected_versions)],
-            ).fetchall()
-        )
+        if small:
+            streams = sorted(set(new.column("stream_id").to_pylist()) | set(expected_versions))
+            sql = "SELECT stream_id, max(stream_version) FROM events WHERE stream_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1"
+            current = dict(con.execute(sql, [streams]).fetchall())
+        else:
+            con.register("_new", new)
+            current = dict(
+                con.execute(
+                    """
+                    SELECT stream_id, max(stream_version) FROM events
+                    WHERE stream_id IN (SELECT stream_id FROM _new UNION ALL SELECT unnest(?::VARCHAR[]))
+                    GROUP BY stream_id
+                    """,
+                    [list(expected_versions)],
+                ).fetchall()
+            )
         for stream_id, expected in expected_versions.items():
             if current.get(stream_id, 0) != expected:
                 raise ConcurrencyError(stream_id, expected, current.get(stream_id, 0))
@@ -478,6 +480,39 @@ def _append(
                 con.unregister(name)
             except Exception:  # noqa: BLE001 - not registered on early exits
                 pass
+
+
+def _existing(con: duckdb.DuckDBPyConnection, batch: pa.Table, small: bool) -> list[tuple]:
+    """(idx, same public content, event_id, subject_id, stored pii, new pii) for ids already stored.
+
+    Small batches (a server logging one request, a promotion) look ids up with a list parameter
+    (the UNIQUE index answers); big ones join the registered Arrow batch.
+    """
+    if not small:
+        return con.execute(
+            """
+            WITH hit AS (SELECT b.idx FROM _batch b SEMI JOIN events e ON e.event_id = b.event_id::UUID)
+            SELECT b.idx, e.type = b.type AND e.stream_id = b.stream_id AND e.payload::VARCHAR = b.payload,
+                   b.event_id, b.subject_id, e.pii, b.pii
+            FROM _batch b JOIN hit USING (idx) JOIN events e ON e.event_id = b.event_id::UUID
+            """
+        ).fetchall()
+    rows = batch.select(["idx", "event_id", "type", "stream_id", "payload", "subject_id", "pii"]).to_pylist()
+    stored = {
+        r[0]: r[1:]
+        for r in con.execute(
+            "SELECT event_id::VARCHAR, type, stream_id, payload::VARCHAR, pii FROM events "
+            "WHERE event_id IN (SELECT unnest(?::UUID[]))",
+            [[r["event_id"] for r in rows]],
+        ).fetchall()
+    }
+    out = []
+    for r in rows:
+        hit = stored.get(r["event_id"])
+        if hit is not None:
+            same = (hit[0], hit[1], hit[2]) == (r["type"], r["stream_id"], r["payload"])
+            out.append((r["idx"], same, r["event_id"], r["subject_id"], hit[3], r["pii"]))
+    return out
 
 
 def _same_personal(keys: KeyStore, event_id: str, subject_id: str | None, old: bytes | None, new: bytes | None) -> bool:
