@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+
+def _shared_data() -> Path:
+    """The shared real data sets: $FLYWHEEL_SHARED_DATA, else ../shared/data, else /work/shared/data."""
+    for candidate in (os.environ.get("FLYWHEEL_SHARED_DATA"), ROOT / ".." / "shared" / "data", "/work/shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    return (ROOT / ".." / "shared" / "data").resolve()
+
+
+SHARED_DATA = _shared_data()
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")

@@ -24,12 +24,13 @@ def run_workers(args_list: list[list[str]]) -> list[subprocess.CompletedProcess]
     ]
     out = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=900)
+        stdout, stderr = p.communicate(timeout=1800)
         assert p.returncode == 0, stderr
         out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return out
 
 
+@pytest.mark.timeout(1800)
 def test_eight_processes_times_a_thousand_appends(tmp_path: Path) -> None:
     db = tmp_path / "w.duckdb"
     EventStore(db)  # create the schema once

@@ -44,22 +44,37 @@ def make_log(path: Path, n: int) -> tuple[Path, dict[int, str], int]:
     return path, keys, bad
 
 
-def run_and_kill(db: Path, log: Path, delay: float) -> list[int]:
-    """Start an acking ingest, SIGKILL it after `delay` seconds; return the acknowledged line numbers."""
+def run_and_kill(db: Path, log: Path, rng: random.Random, commits: int) -> list[int]:
+    """Start an acking ingest and SIGKILL it at a random point; return the acknowledged line numbers.
+
+    The point is chosen in units of progress, not seconds, so it lands mid-ingest however busy the
+    machine is: after a random number of acknowledged commits (0 = while starting up), plus a
+    random few milliseconds (often inside the next commit).
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.faults.workers", "ingest_acking", str(db), str(log), "150"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+    target = rng.randint(0, commits - 1)
+    jitter = rng.uniform(0.0, 0.06)
     acked: list[int] = []
+    reached = threading.Event()
 
     def read() -> None:
         for out in proc.stdout:  # type: ignore[union-attr]
             if out.startswith("ACK "):
                 acked.append(int(out.split()[1]))
+                if len(acked) >= target:
+                    reached.set()
+        reached.set()
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(delay)
+    if target == 0:
+        time.sleep(rng.uniform(0.05, 0.8))  # during start-up or the first chunk
+    else:
+        reached.wait(timeout=300)
+    time.sleep(jitter)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -94,7 +109,7 @@ def kill_iterations(tmp_path: Path, iterations: int) -> None:
     for i in range(iterations):
         db = tmp_path / f"w{i}.duckdb"
         EventStore(db)
-        acked = run_and_kill(db, log, delay=rng.uniform(0.4, 2.5))
+        acked = run_and_kill(db, log, rng, commits=len(keys) // 150)
         if acked and max(acked) < max(keys):
             killed_mid_run += 1
         check_after_kill(db, log, keys, total_events, acked)
