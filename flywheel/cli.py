@@ -242,6 +242,46 @@ def demo(
 
 
 @app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="port (the server binds 127.0.0.1 unless --host says otherwise)")] = 8080,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    model: Annotated[Optional[str], typer.Option(help="registered model name (default: [serving] model in flywheel.toml)")] = None,
+    model_dir: Annotated[Optional[Path], typer.Option(help="serve this checkpoint directory instead of the champion")] = None,
+    canary_share: Annotated[Optional[float], typer.Option(help="share of traffic for the challenger alias (0..1)")] = None,
+    poll_interval: Annotated[float, typer.Option(help="seconds between checks of the champion alias")] = 10.0,
+) -> None:
+    """Serve the champion over the TGI protocol; reload when the alias moves; log traffic to landing/."""
+    import datetime as dt
+
+    from flywheel.config import Config
+    from models.registry import Tracking, alias_version_source
+    from models.server import JsonlSink, serve as run_server
+
+    paths = Paths.from_env().ensure()
+    settings = Config.load().section("serving")
+    model = model or settings.get("model", "tiny-llm")
+    tracking = Tracking.local(paths.home)
+    options: dict = {}
+    if model_dir is None:
+        champion = tracking.alias(model, "champion")
+        if champion is None:
+            raise typer.BadParameter(f"model {model!r} has no champion yet: run the flywheel (make demo) or pass --model-dir")
+        model_dir, version = tracking.local_path(champion), f"{model}@{champion.version}"
+        options["version_source"] = alias_version_source(paths.home, model, "champion")
+        options["poll_interval_s"] = poll_interval
+        share = settings.get("canary_share", 0.0) if canary_share is None else canary_share
+        challenger = tracking.alias(model, "challenger")
+        if challenger is not None and share > 0 and challenger.version != champion.version:
+            options.update(challenger_dir=str(tracking.local_path(challenger)),
+                           challenger_version=f"{model}@{challenger.version}", canary_share=share)
+    else:
+        version = model_dir.name
+    sink = JsonlSink(paths.landing / "server" / f"{dt.date.today():%Y%m%d}-{os.getpid()}.jsonl")
+    console.print(f"serving {version} from {model_dir} on http://{host}:{port} (traffic → {sink.path})")
+    run_server(model_dir, host=host, port=port, model_version=version, on_interaction=sink, on_feedback=sink, **options)
+
+
+@app.command()
 def dev(port: Annotated[int, typer.Option(help="port for the UI (127.0.0.1)")] = 3000) -> None:
     """Start the Dagster UI and daemon on 127.0.0.1 with DAGSTER_HOME under $FLYWHEEL_HOME."""
     paths = Paths.from_env().ensure()

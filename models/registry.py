@@ -187,3 +187,20 @@ def _png_to_array(png: bytes):
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def alias_version_source(home: Path, model: str, alias: str = "champion"):
+    """A serving version source: (version, local checkpoint dir) of the model's alias, re-read per call.
+
+    The server polls it and reloads when the alias moves (promotion or rollback).
+    """
+
+    def source() -> tuple[str, str] | None:
+        try:
+            tracking = Tracking.local(home)
+            ref = tracking.alias(model, alias)
+            return None if ref is None else (f"{model}@{ref.version}", str(tracking.local_path(ref)))
+        except Exception:  # noqa: BLE001 - a registry hiccup means "no change", never a crash
+            return None
+
+    return source

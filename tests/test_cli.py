@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT
 
 COMMANDS = [[], ["ingest"], ["events"], ["projections"], ["projections", "rebuild"], ["quarantine"], ["dsr"],
-            ["dsr", "shred"], ["dsr", "subject-of"], ["demo"], ["dev"]]
+            ["dsr", "shred"], ["dsr", "subject-of"], ["demo"], ["dev"], ["serve"]]
 
 
 def flywheel(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
