@@ -35,3 +35,17 @@ class ProjectConfigResource(ConfigurableResource):
 
     def load(self) -> Config:
         return Config.load(Path(self.path) if self.path else None)
+
+
+class DvcResource(ConfigurableResource):
+    """The DVC repository that versions shards and checkpoints: `$FLYWHEEL_HOME/dvc` with a local remote
+    (`$FLYWHEEL_HOME/dvc-remote`) by default; `remote` may name another URL/path."""
+
+    home: str = ""
+    remote: str = ""
+
+    def repo(self):
+        from flywheel.versioning import DvcRepo
+
+        paths = Paths(Path(self.home).resolve()) if self.home else Paths.from_env()
+        return DvcRepo.open(paths.dvc_repo, remote=Path(self.remote) if self.remote else paths.home / "dvc-remote")

@@ -20,11 +20,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from flywheel.config import Paths, ensure_dagster_home
@@ -121,7 +128,7 @@ def _print_ingest_report(report, elapsed: float) -> None:
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="JSONL or JSONL.gz files (docs/production-logs.md)")],
     fmt: Annotated[str, typer.Option("--format", help="jsonl (our schema) or oasst (OpenAssistant tree export)")] = "jsonl",
-    chunk_lines: Annotated[Optional[int], typer.Option(help="lines per transaction (default 131072)")] = None,
+    chunk_lines: Annotated[int | None, typer.Option(help="lines per transaction (default 131072)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Stream production-log files into the event log; bad lines go to the quarantine."""
@@ -137,9 +144,9 @@ def ingest(
 
 @app.command()
 def events(
-    subject: Annotated[Optional[str], typer.Option(help="subject id (see `flywheel dsr subject-of`)")] = None,
-    stream: Annotated[Optional[str], typer.Option(help="stream id, e.g. interaction-REQUEST_ID")] = None,
-    type_: Annotated[Optional[list[str]], typer.Option("--type", help="event type (repeatable)")] = None,
+    subject: Annotated[str | None, typer.Option(help="subject id (see `flywheel dsr subject-of`)")] = None,
+    stream: Annotated[str | None, typer.Option(help="stream id, e.g. interaction-REQUEST_ID")] = None,
+    type_: Annotated[list[str] | None, typer.Option("--type", help="event type (repeatable)")] = None,
     after: Annotated[int, typer.Option(help="only events after this position")] = 0,
     limit: Annotated[int, typer.Option(help="at most this many events")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
@@ -197,7 +204,7 @@ def projections_rebuild() -> None:
 
 @app.command()
 def quarantine(
-    file: Annotated[Optional[Path], typer.Option(help="only lines from this file")] = None,
+    file: Annotated[Path | None, typer.Option(help="only lines from this file")] = None,
     limit: Annotated[int, typer.Option(help="at most this many rows")] = 50,
     raw: Annotated[bool, typer.Option(help="show the (decrypted) raw bytes")] = False,
 ) -> None:
@@ -223,7 +230,7 @@ def dsr_subject_of(user_id: Annotated[str, typer.Argument(help="the raw user ide
 @dsr_app.command("shred")
 def dsr_shred(
     subject: Annotated[str, typer.Argument(help="subject id (see `flywheel dsr subject-of`)")],
-    request_id: Annotated[Optional[str], typer.Option(help="the DSR request id to record")] = None,
+    request_id: Annotated[str | None, typer.Option(help="the DSR request id to record")] = None,
 ) -> None:
     """Crypto-shred a subject: destroy their key; their personal fields read back redacted."""
     request_id = request_id or f"cli-{uuid.uuid4()}"
@@ -245,9 +252,9 @@ def demo(
 def serve(
     port: Annotated[int, typer.Option(help="port (the server binds 127.0.0.1 unless --host says otherwise)")] = 8080,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    model: Annotated[Optional[str], typer.Option(help="registered model name (default: [serving] model in flywheel.toml)")] = None,
-    model_dir: Annotated[Optional[Path], typer.Option(help="serve this checkpoint directory instead of the champion")] = None,
-    canary_share: Annotated[Optional[float], typer.Option(help="share of traffic for the challenger alias (0..1)")] = None,
+    model: Annotated[str | None, typer.Option(help="registered model name (default: [serving] model in flywheel.toml)")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="serve this checkpoint directory instead of the champion")] = None,
+    canary_share: Annotated[float | None, typer.Option(help="share of traffic for the challenger alias (0..1)")] = None,
     poll_interval: Annotated[float, typer.Option(help="seconds between checks of the champion alias")] = 10.0,
 ) -> None:
     """Serve the champion over the TGI protocol; reload when the alias moves; log traffic to landing/."""
@@ -255,7 +262,8 @@ def serve(
 
     from flywheel.config import Config
     from models.registry import Tracking, alias_version_source
-    from models.server import JsonlSink, serve as run_server
+    from models.server import JsonlSink
+    from models.server import serve as run_server
 
     paths = Paths.from_env().ensure()
     settings = Config.load().section("serving")

@@ -38,7 +38,7 @@ class KeyShreddedError(LookupError):
 class SubjectKey:
     """A subject's key with the operations the warehouse needs."""
 
-    __slots__ = ("subject_id", "_aead")
+    __slots__ = ("_aead", "subject_id")
 
     def __init__(self, subject_id: str, material: bytes) -> None:
         self.subject_id = subject_id

@@ -191,7 +191,7 @@ def canonical_hash(store: EventStore) -> str:
 def summary(store: EventStore) -> dict[str, object]:
     """Counts and a per-model feedback table, for the CLI, the demo and asset metadata."""
     with store.connect() as con:
-        one = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
+        one = lambda sql: con.execute(sql).fetchall()[0][0]
         rows = con.execute(
             """
             SELECT model_version, count(*), sum(thumbs_up), sum(thumbs_down), round(avg(latency_ms), 1)

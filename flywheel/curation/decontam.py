@@ -469,3 +469,23 @@ def assert_no_eval_ngrams(table: pa.Table, index: EvalNgramIndex) -> list[tuple[
     doc, item, _ = index.ngram_hits(table["text"].to_pylist())
     ids = table["doc_id"].to_pylist()
     return [(ids[d], index.items[i]) for d, i in zip(doc.tolist(), item.tolist(), strict=True)]
+
+
+def load_task_items(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """JSONL items `{"id", "prompt", "answer"}` (the generated structured-task eval sets)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                yield str(r["id"]), [r["prompt"], str(r.get("answer", ""))]
+
+
+def eval_sets_by_name(names: Iterable[str], root: str | Path) -> list[EvalSet]:
+    """Configured eval sets by name: the four public ones (shared/data/evals layout) and `demo_tasks`."""
+    root = Path(root)
+    known = {es.name: es for es in default_eval_sets(root)}
+    known["demo_tasks"] = EvalSet("demo_tasks", root / "demo_tasks.jsonl", load_task_items)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown eval set(s) {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
