@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 export FLYWHEEL_HOME ?= $(CURDIR)/var
 export MLFLOW_DISABLE_TELEMETRY := true
 export DAGSTER_DISABLE_TELEMETRY := true
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test test-slow dev bench lint clean
 
