@@ -45,8 +45,7 @@ class Tracking:
         import mlflow
 
         self.uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        self._activate()
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -54,6 +53,23 @@ class Tracking:
         else:
             exp_id = exp.experiment_id
         self.experiment_id = exp_id
+
+    def _activate(self) -> None:
+        """Point mlflow's process-global fluent API (start_run, log_*) at this store.
+
+        mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; the environment is restored so a later
+        Tracking.local(other_home) in this process (or a child process) is not sent to this store.
+        """
+        import mlflow
+
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     @classmethod
     def local(cls, home: Path) -> Tracking:
@@ -66,6 +82,7 @@ class Tracking:
     def run(self, name: str, *, tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
         import mlflow
 
+        self._activate()
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=dict(tags or {})) as active:
             yield RunLogger(self, active.info.run_id, active.info.artifact_uri)
 

@@ -44,3 +44,19 @@ def test_run_with_steps_dataset_plot_artifacts_and_registry_aliases(tmp_path: Pa
     assert tracking.alias("unknown-model", "champion") is None
     # artifacts live under the flywheel home, not the working directory
     assert str(tmp_path.resolve()) in v1.source
+
+
+def test_two_homes_in_one_process_keep_their_own_registry(tmp_path: Path) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second home must not inherit the first's store."""
+    import os
+
+    first, second = Tracking.local(tmp_path / "a"), Tracking.local(tmp_path / "b")
+    assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] not in (first.uri, second.uri)
+    assert first.uri != second.uri
+    for tracking in (first, second, first):
+        with tracking.run("r") as run:
+            (tmp_path / "f.txt").write_text("x")
+            run.log_file(tmp_path / "f.txt")
+            run.register("m", "f.txt")
+    assert [v.version for v in first.versions("m")] in (["1", "2"], ["2", "1"])
+    assert [v.version for v in second.versions("m")] == ["1"]
