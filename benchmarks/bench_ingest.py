@@ -2,9 +2,17 @@
 
     .venv/bin/python benchmarks/bench_ingest.py            # 1M events ingested, reads at 1M and 10M
     .venv/bin/python benchmarks/bench_ingest.py --quick    # 100k events, reads at 100k and 1M
+    .venv/bin/python benchmarks/bench_ingest.py --compare  # + side by side: previous pipeline, in-process
 
 1. End-to-end ingest (JSONL → parse, validate, pseudonymize, encrypt, append) of realistic interaction
-   and feedback records (`flywheel.samples`, ~930 bytes a record), through `warehouse.ingest.Ingester`.
+   and feedback records (`flywheel.samples`, ~930 bytes a record), through `warehouse.ingest.Ingester`
+   (worker processes for a file this size), median of `--repeats` runs, each into a fresh warehouse.
+   With `--compare`, the same file in the same run, interleaved: `workers=0` (everything in this
+   process: one preparing thread, one appending) and the previous pipeline (`warehouse/ingest.py` as of
+   commit PREVIOUS_INGEST, loaded from git, if the history has it). The machine is shared, so ratios
+   measured side by side are what count; the load average is recorded with each run.
+   `--stages` measures CPU per event of each step on one core (split, parse+validate, build, encrypt,
+   IPC hand-over, append).
 2. The naive path in the same run: the same work row by row (json.loads, per-row validation,
    HMAC, AES-GCM) and `executemany` INSERTs into the same events schema. It is measured on a slice
    (it would take hours at 1M) and reported per event.
@@ -19,9 +27,14 @@ Writes benchmarks/results/bench_ingest.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import random
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,13 +47,130 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flywheel.samples import write_jsonl  # noqa: E402
-from warehouse.events import derive_event_id  # noqa: E402
-from warehouse.ingest import Ingester  # noqa: E402
-from warehouse.keystore import KeyStore, NonceSequence  # noqa: E402
-from warehouse.store import BATCH_SCHEMA, SCHEMA_SQL, EventStore  # noqa: E402
+from flywheel.samples import write_jsonl
+from warehouse.events import derive_event_id
+from warehouse.ingest import Ingester
+from warehouse.keystore import KeyStore, NonceSequence
+from warehouse.store import BATCH_SCHEMA, SCHEMA_SQL, EventStore
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+PREVIOUS_INGEST = "774f4bf"  # the last commit with the single-process, chunk-per-transaction pipeline
+
+
+def previous_ingester_class() -> type | None:
+    """`Ingester` of the previous pipeline, loaded from git history (None where git or the commit is missing)."""
+    try:
+        source = subprocess.run(["git", "show", f"{PREVIOUS_INGEST}:warehouse/ingest.py"], cwd=ROOT, check=True,
+                                capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="previous_ingest_")) / "previous_ingest.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("previous_ingest", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["previous_ingest"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.Ingester
+
+
+def timed_ingest(make: object, log: Path, work: Path, name: str) -> dict[str, float]:
+    """One ingest of `log` into a fresh warehouse; wall time, CPU of this process and its workers."""
+    home = work / name
+    shutil.rmtree(home, ignore_errors=True)
+    store = EventStore(home / "warehouse.duckdb")
+    ingester = make(store)  # type: ignore[operator]
+    load = os.getloadavg()[0]
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    report = ingester.ingest_file(log)
+    elapsed = time.perf_counter() - t0
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((r0, r1), (c0, c1)) for f in ("ru_utime", "ru_stime"))
+    return {"events": report.ingested, "seconds": elapsed, "events_per_s": report.ingested / elapsed,
+            "cpu_us_per_event": cpu / report.ingested * 1e6, "load": load, "home": str(home)}
+
+
+class _Clock:
+    """Adds the CPU time of a `with` block to `cost[name]` (when `on`)."""
+
+    def __init__(self, cost: dict[str, float]) -> None:
+        self.cost, self.on, self.name, self.start = cost, False, "", 0.0
+
+    def __call__(self, name: str) -> _Clock:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.start = time.process_time()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            self.cost[self.name] += time.process_time() - self.start
+
+
+def stage_costs(log: Path, work: Path, lines: int) -> dict[str, float]:
+    """CPU µs per event of each step, one core, on about `lines` lines after a warm-up block (the first
+    block creates every subject's key: not the steady state)."""
+    import pyarrow.compute as pc
+
+    from warehouse import ingest as wi
+
+    store = EventStore(work / "stages" / "warehouse.duckdb")
+    subjects = wi.Subjects(store.keys)
+    wi._scratch_db().execute("SET threads=1")
+    mapped = wi._MappedFile(log)
+    ranges, _, _ = mapped.plan(0, None, False, 32 << 20)
+    cost = dict.fromkeys(("split", "parse_validate", "pseudonymize_keys", "build_sql", "encrypt", "ipc_handover", "append"), 0.0)
+    clock = _Clock(cost)
+    handover = work / "stages" / "handover.arrow"
+    pending: list[pa.Table] = []
+    events = 0
+    for k, (a, b) in enumerate(ranges):
+        clock.on = k > 0
+        with clock("split"):
+            block = wi.split_lines(mapped.view[a:b], offset=a, first_number=0, max_line_bytes=64 << 20, final=False)
+        with clock("parse_validate"):
+            records = wi.parse_block(block, use_threads=False)[0]
+        with clock("pseudonymize_keys"):
+            uniq = pc.unique(records.column("user_id"))
+            subject_of = pa.array(subjects.pseudonymize(uniq.to_pylist()), pa.string())
+            subject_ids = pc.take(subject_of, pc.index_in(records.column("user_id"), uniq))
+        con = wi._scratch_db()
+        con.register("_records", records.append_column("subject_id", subject_ids))
+        with clock("build_sql"):
+            built = con.sql(wi._PLAINTEXT_SQL).to_arrow_table()
+        con.unregister("_records")
+        with clock("pseudonymize_keys"):
+            found = subjects.keys_for(subject_of.to_pylist())
+            aeads = [found[s]._aead if s in found else None for s in subject_of.to_pylist()]
+            codes = pc.index_in(built.column("subject_id"), subject_of).to_numpy()
+        with clock("encrypt"):
+            pii, _ = wi.encrypt_rows(built.column("plaintext"), built.column("event_id"), codes, aeads)
+        batch = built.select(["event_id", "stream_id", "type", "schema_version", "occurred_at", "subject_id", "payload"])
+        batch = batch.append_column("pii", pii).cast(BATCH_SCHEMA)
+        with clock("ipc_handover"):
+            with pa.OSFile(str(handover), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+                writer.write_table(batch)
+            pending.append(pa.ipc.open_file(pa.memory_map(str(handover))).read_all())
+            handover.unlink()
+        if k:
+            events += batch.num_rows
+        while sum(t.num_rows for t in pending) >= wi.ROW_GROUP_ROWS or (events >= lines and pending):
+            whole = pa.concat_tables(pending)
+            rows = min(whole.num_rows, wi.ROW_GROUP_ROWS)
+            pending = [whole.slice(rows)] if whole.num_rows > rows else []
+            with clock("append"), store.connect(checkpoint_on_close=rows == wi.ROW_GROUP_ROWS) as con2:
+                con2.execute("SET threads=1")
+                con2.execute("BEGIN")
+                store.append_batch(whole.slice(0, rows), on_conflict="return", con=con2)
+                con2.execute("COMMIT")
+        if events >= lines:
+            break
+    out = {f"stage_{name}_us": v / max(events, 1) * 1e6 for name, v in cost.items()}
+    out["stage_total_us"] = sum(out.values())
+    out["stage_events"] = events
+    return out
 
 
 def naive_ingest(path: Path, db: Path, keys: KeyStore, limit: int) -> float:
@@ -145,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--large", type=int, default=None, help="size for the large read measurement")
     parser.add_argument("--naive-events", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3, help="ingest runs per pipeline (the median is reported)")
+    parser.add_argument("--compare", action="store_true", help="also run workers=0 and the previous pipeline")
+    parser.add_argument("--stages", action="store_true", help="CPU per event of each step, on one core")
+    parser.add_argument("--no-reads", action="store_true", help="skip the naive path and the read measurements")
     args = parser.parse_args(argv)
     n = args.events or (100_000 if args.quick else 1_000_000)
     large = args.large or (1_000_000 if args.quick else 10_000_000)
@@ -152,48 +286,71 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log = write_jsonl(work / "traffic.jsonl", n, seed=3, users=50_000)
     print(f"{n:,} records, {log.stat().st_size / 1e6:.0f} MB in {log}")
 
-    store = EventStore(work / "warehouse.duckdb")
-    t0 = time.perf_counter()
-    report = Ingester(store).ingest_file(log)
-    ingest_s = time.perf_counter() - t0
-    ingest_rate = report.ingested / ingest_s
+    pipelines: dict[str, object] = {"new": lambda store: Ingester(store)}
+    if args.compare:
+        pipelines["new_workers0"] = lambda store: Ingester(store, workers=0)
+        previous = previous_ingester_class()
+        if previous is None:
+            print(f"previous pipeline ({PREVIOUS_INGEST}) not in this checkout's history: not compared")
+        else:
+            pipelines["previous"] = lambda store: previous(store)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in pipelines}
+    for r in range(args.repeats):
+        for name, make in pipelines.items():
+            run = timed_ingest(make, log, work, name)
+            runs[name].append(run)
+            print(f"  run {r + 1} {name:<13} {run['events_per_s']:>10,.0f} events/s  {run['seconds']:6.1f} s  "
+                  f"cpu {run['cpu_us_per_event']:5.1f} µs/event  load {run['load']:.1f}", flush=True)
+            if not (r == args.repeats - 1 and name == "new"):
+                shutil.rmtree(run["home"], ignore_errors=True)
+    results: dict[str, float] = {}
+    for name, rs in runs.items():
+        prefix = "ingest" if name == "new" else f"ingest_{name.removeprefix('new_')}"
+        results[f"{prefix}_events_per_s"] = statistics.median(x["events_per_s"] for x in rs)
+        results[f"{prefix}_cpu_us_per_event"] = statistics.median(x["cpu_us_per_event"] for x in rs)
+        results[f"{prefix}_runs"] = len(rs)
+    results["ingest_load_avg"] = statistics.median(x["load"] for rs in runs.values() for x in rs)
+    for name, rs in runs.items():
+        if name != "new":
+            results[f"ingest_speedup_vs_{name.removeprefix('new_')}"] = statistics.median(
+                a["events_per_s"] / b["events_per_s"] for a, b in zip(runs["new"], rs, strict=True))
+    best = runs["new"][-1]
+    results["events"] = best["events"]
+    results["ingest_seconds"] = statistics.median(x["seconds"] for x in runs["new"])
+    results["ingest_mb_per_s"] = log.stat().st_size / 1e6 / results["ingest_seconds"]
+    if args.stages:
+        results.update(stage_costs(log, work, min(n, 400_000)))
 
-    naive_db = work / "naive.duckdb"
-    naive_rate = naive_ingest(log, naive_db, KeyStore(work / "naive-keys.db"), args.naive_events)
-
-    subject = store.read_arrow(limit=1, columns="subject_id").column(0)[0].as_py()
-    subj_small, range_small, n_subject_small = time_reads(store, subject)
-    with store.connect() as con:
-        subjects = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events WHERE subject_id IS NOT NULL").fetchall()]
-    print(f"bulk-filling to {large:,} events for the large reads ...")
-    bulk_fill(store, large, subjects)
-    subj_large, range_large, n_subject_large = time_reads(store, subject)
-
-    results = {
-        "events": report.ingested,
-        "ingest_seconds": ingest_s,
-        "ingest_events_per_s": ingest_rate,
-        "ingest_mb_per_s": log.stat().st_size / 1e6 / ingest_s,
-        "naive_events": args.naive_events,
-        "naive_events_per_s": naive_rate,
-        "ingest_speedup_vs_naive": ingest_rate / naive_rate,
-        "subject_events_small": n_subject_small,
-        "subject_events_large": n_subject_large,
-        ("subject_query_s_100k" if args.quick else "subject_query_s_1m"): subj_small,
-        ("subject_query_s_1m" if args.quick else "subject_query_s_10m"): subj_large,
-        ("range_read_s_100k" if args.quick else "range_read_s_1m"): range_small,
-        ("range_read_s_1m" if args.quick else "range_read_s_10m"): range_large,
-        "large_events": large,
-    }
+    if not args.no_reads:
+        store = EventStore(Path(best["home"]) / "warehouse.duckdb")
+        naive_db = work / "naive.duckdb"
+        naive_rate = naive_ingest(log, naive_db, KeyStore(work / "naive-keys.db"), args.naive_events)
+        results["naive_events"] = args.naive_events
+        results["naive_events_per_s"] = naive_rate
+        results["ingest_speedup_vs_naive"] = results["ingest_events_per_s"] / naive_rate
+        subject = store.read_arrow(limit=1, columns="subject_id").column(0)[0].as_py()
+        subj_small, range_small, n_subject_small = time_reads(store, subject)
+        with store.connect() as con:
+            subjects = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events WHERE subject_id IS NOT NULL").fetchall()]
+        print(f"bulk-filling to {large:,} events for the large reads ...")
+        bulk_fill(store, large, subjects)
+        subj_large, range_large, n_subject_large = time_reads(store, subject)
+        results.update({
+            "subject_events_small": n_subject_small,
+            "subject_events_large": n_subject_large,
+            ("subject_query_s_100k" if args.quick else "subject_query_s_1m"): subj_small,
+            ("subject_query_s_1m" if args.quick else "subject_query_s_10m"): subj_large,
+            ("range_read_s_100k" if args.quick else "range_read_s_1m"): range_small,
+            ("range_read_s_1m" if args.quick else "range_read_s_10m"): range_large,
+            "large_events": large,
+        })
     print()
-    print(f"{'measure':<34}{'value':>16}")
+    print(f"{'measure':<36}{'value':>16}")
     for k, v in results.items():
-        print(f"{k:<34}{v:>16,.4f}" if isinstance(v, float) else f"{k:<34}{v:>16,}")
+        print(f"{k:<36}{v:>16,.4f}" if isinstance(v, float) else f"{k:<36}{v:>16,}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_ingest.json").write_text(json.dumps(results, indent=2) + "\n")
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
+    shutil.rmtree(work, ignore_errors=True)
     return results
 
 

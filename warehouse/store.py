@@ -469,10 +469,7 @@ def _append(
             """
         )
         con.execute("UPDATE store_meta SET value = ? WHERE key = 'head'", [head + m])
-        last_versions = pa.table({"s": full.column("stream_id"), "v": full.column("stream_version")})
-        stream_versions = dict(
-            zip(last_versions.column("s").to_pylist(), last_versions.column("v").to_pylist(), strict=True)
-        )
+        stream_versions = _StreamVersions(full.column("stream_id"), full.column("stream_version"))
         return AppendResult(m, duplicates, conflicts, head + 1, head + m, stream_versions)
     finally:
         for name in ("_batch", "_new", "_rows"):
@@ -543,11 +540,44 @@ def _classify_in_batch(batch: pa.Table, status: np.ndarray, keys: KeyStore) -> N
         status[i] = 1 if same else 2
 
 
+class _StreamVersions(Mapping[str, int]):
+    """{stream: its version after the append}, built on first use (bulk appends never ask, and a
+    dict of every stream of a 100k-event batch costs more than the rest of the bookkeeping)."""
+
+    def __init__(self, streams: pa.ChunkedArray, versions: pa.ChunkedArray) -> None:
+        self._columns: tuple[pa.ChunkedArray, pa.ChunkedArray] | None = (streams, versions)
+        self._dict: dict[str, int] = {}
+
+    def _built(self) -> dict[str, int]:
+        if self._columns is not None:
+            streams, versions = self._columns
+            self._dict = dict(zip(streams.to_pylist(), versions.to_pylist(), strict=True))  # last wins
+            self._columns = None
+        return self._dict
+
+    def __getitem__(self, key: str) -> int:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return repr(self._built())
+
+
 def _stream_versions(streams: pa.ChunkedArray, current: Mapping[str, int]) -> np.ndarray:
     """Per-row stream version: the stream's current version + the row's rank within the batch."""
     enc = pc.dictionary_encode(streams).combine_chunks()
     codes = enc.indices.to_numpy()
-    base = np.array([current.get(s, 0) for s in enc.dictionary.to_pylist()], dtype=np.int64)
+    base = np.zeros(len(enc.dictionary), dtype=np.int64)
+    if current:  # usually few: streams that already had events (feedback on earlier interactions)
+        known = pa.array(list(current), pa.string())
+        hit = pc.index_in(enc.dictionary, known)
+        where = np.flatnonzero(hit.is_valid().to_numpy(zero_copy_only=False))
+        base[where] = np.array(list(current.values()), dtype=np.int64)[hit.drop_null().to_numpy()]
     order = np.argsort(codes, kind="stable")
     sorted_codes = codes[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_codes)) + 1]
