@@ -191,7 +191,8 @@ def cleaned_documents(
     paths = warehouse.paths
     name = context.partition_key
     raw = read_shard(paths, "raw", name)
-    result = clean_stage(raw.drop_columns(["sample_id"]))
+    source = load_source(paths, name)
+    result = clean_stage(raw.drop_columns(["sample_id"]), quality=dict(source.quality), boilerplate=source.boilerplate)
     info, version = publish_shard(context, paths=paths, dvc=dvc, warehouse=warehouse, stage="clean", source=name,
                                   kept=result.kept, excluded=result.excluded)
     m = result.metrics

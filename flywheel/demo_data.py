@@ -171,6 +171,25 @@ def write_books(directory: Path, *, seed: int = 3) -> Path:
     return directory
 
 
+def write_structured(path: Path, *, n_docs: int = 500, seed: int = 4) -> Path:
+    """Structured text for pretraining (the seed: include JSON, tables, logs): JSON records and worked
+    question/answer pages drawn from the *train* split of the structured-task generators."""
+    from models.evalsets import generate_arithmetic_task, generate_json_task
+
+    rng = random.Random(seed)
+    tasks = generate_json_task(n_docs * 3, seed) + generate_arithmetic_task(n_docs * 2, seed)
+    rng.shuffle(tasks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            chunk = tasks[i * 5:(i + 1) * 5]
+            intro = paragraph(rng, 2)
+            body = "\n\n".join(f"Question: {t['prompt']}\nAnswer: {t['answer']}" for t in chunk)
+            f.write(json.dumps({"id": f"structured-{i:05d}", "text": f"{intro}\n\n{body}", "source": "demo_structured",
+                                "added": "2026-10-03T00:00:00Z", "url": f"https://example.org/records/{i}"}) + "\n")
+    return path
+
+
 def write_eval_tasks(path: Path, *, n_json: int = 60, n_arith: int = 60) -> list[dict]:
     """The demo's sealed eval items (JSON formatting + arithmetic, eval split) as JSONL."""
     from models.evalsets import EVAL_SEED, generate_arithmetic_task, generate_json_task
@@ -184,11 +203,15 @@ def write_eval_tasks(path: Path, *, n_json: int = 60, n_arith: int = 60) -> list
 
 def write_all(root: Path) -> dict[str, Path]:
     """Everything the demo reads, under `root` (the demo's data root). Idempotent: same bytes each run."""
+    from flywheel.tasks import write_harmful_eval
+
     evals = write_eval_tasks(root / "evals" / "demo_tasks.jsonl")
+    write_harmful_eval(root / "evals" / "harmful.jsonl")
     leak = evals[0]
     return {
         "demo_web": write_web(root / "corpora" / "demo_web.jsonl", contamination=f"{leak['prompt']} {leak['answer']}"),
         "demo_forum": write_forum(root / "corpora" / "demo_forum"),
         "demo_books": write_books(root / "corpora" / "demo_books"),
+        "demo_structured": write_structured(root / "corpora" / "demo_structured.jsonl"),
         "evals": root / "evals" / "demo_tasks.jsonl",
     }

@@ -118,16 +118,24 @@ def read_stage(
 # --- clean ----------------------------------------------------------------------------------------
 
 
-def clean_stage(raw: pa.Table, *, min_boilerplate_docs: int = 3) -> StageResult:
-    """Normalize → strip boilerplate → quality filters → PII scrub. Kept rows become samples."""
-    from flywheel.curation.boilerplate import remove_boilerplate
-    from flywheel.curation.filters import run_filters
+def clean_stage(raw: pa.Table, *, min_boilerplate_docs: int = 3, quality: dict[str, Any] | None = None,
+                boilerplate: bool = True) -> StageResult:
+    """Normalize → strip boilerplate → quality filters → PII scrub. Kept rows become samples.
+
+    `quality` overrides the filters per source (`QualityFilters.from_config`); `boilerplate=False`
+    keeps repeated lines (structured text, where short lines like "Answer: 12" repeat legitimately).
+    """
+    from flywheel.curation.boilerplate import BoilerplateReport, remove_boilerplate
+    from flywheel.curation.filters import QualityFilters, run_filters
     from flywheel.curation.normalize import normalize_table
     from flywheel.curation.pii import find_residual_pii, scrub_table
 
     normalized = normalize_table(raw)
-    stripped, boiler = remove_boilerplate(normalized, min_docs=min_boilerplate_docs)
-    filtered = run_filters(stripped)
+    if boilerplate:
+        stripped, boiler = remove_boilerplate(normalized, min_docs=min_boilerplate_docs)
+    else:
+        stripped, boiler = normalized, BoilerplateReport(documents=normalized.num_rows)
+    filtered = run_filters(stripped, QualityFilters.from_config(quality or {}))
     scrubbed, pii_counts = scrub_table(filtered.kept)
     residual = [bool(find_residual_pii(t or "")) for t in scrubbed.column("text").to_pylist()]
     if any(residual):  # defence in depth: never ship a sample the residual check still flags

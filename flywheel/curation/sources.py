@@ -9,8 +9,11 @@
     domain = "web"                          # optional: a label for mixing and reports
     weight = 1.0                            # optional (default 1.0): sampling weight used by mixing
     retention_days = 365                    # optional: how long documents of this source may be kept
+    boilerplate = true                      # optional (default true): frequency-based boilerplate removal
     [sources.dolma_cc.options]              # optional: reader keyword arguments (checked per format)
     url_field = "metadata.warc_url"
+    [sources.dolma_cc.quality]              # optional: quality-filter overrides (filters.QualityFilters)
+    c4 = false                              #   e.g. switch a filter off, or set its thresholds
 
 Relative paths resolve against a *data root* given at load time, so the tests point the same file at
 `../shared/data` and the demo at the project's shipped samples. A source without a license, with an
@@ -49,7 +52,8 @@ FORMATS: dict[str, frozenset[str]] = {
     "stackexchange": frozenset({"site"}),
     "warc": frozenset({"include_tables"}),
 }
-_KEYS = frozenset({"format", "paths", "license", "domain", "weight", "retention_days", "options"})
+_KEYS = frozenset({"format", "paths", "license", "domain", "weight", "retention_days", "options", "quality",
+                   "boilerplate"})
 
 # One SPDX license id (or LicenseRef-…); expressions combine them with AND / OR / WITH and parentheses.
 _LICENSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
@@ -75,6 +79,8 @@ class Source:
     retention_days: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     missing: tuple[str, ...] = ()  # patterns that matched no file (only with allow_missing=True)
+    quality: Mapping[str, Any] = field(default_factory=dict)  # QualityFilters.from_config overrides
+    boilerplate: bool = True  # frequency-based boilerplate removal (off for structured text)
 
 
 def _check_license(value: Any, where: str) -> str:
@@ -163,6 +169,19 @@ def _parse_source(name: str, spec: Any, config: Path, data_root: Path, allow_mis
             f"allowed: {sorted(FORMATS[fmt]) or 'none'}"
         )
 
+    quality = spec.get("quality", {})
+    if not isinstance(quality, dict):
+        raise SourceConfigError(f"{where}: quality must be a table [sources.{name}.quality]")
+    try:
+        from flywheel.curation.filters import QualityFilters
+
+        QualityFilters.from_config(quality)
+    except (ValueError, TypeError) as e:
+        raise SourceConfigError(f"{where}: {e}") from None
+    boilerplate = spec.get("boilerplate", True)
+    if not isinstance(boilerplate, bool):
+        raise SourceConfigError(f"{where}: boilerplate must be true or false, got {boilerplate!r}")
+
     found: list[Path] = []
     missing: list[str] = []
     for pattern in patterns:
@@ -187,6 +206,8 @@ def _parse_source(name: str, spec: Any, config: Path, data_root: Path, allow_mis
         retention_days=retention,
         options=dict(options),
         missing=tuple(missing),
+        quality=dict(quality),
+        boilerplate=boilerplate,
     )
 
 

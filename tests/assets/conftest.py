@@ -87,7 +87,7 @@ def trained_state(tmp_path_factory: pytest.TempPathFactory):
     state = FlywheelState(home, DagsterInstance.get())
     demo_data.write_all(home / "demo-data")
     materialize_selection(state, AssetSelection.assets(cur.sealed_eval_index, wh.event_log_projections))
-    for source in ("demo_web", "demo_forum", "demo_books"):
+    for source in cur.source_partitions.get_partition_keys():
         materialize_selection(state, AssetSelection.assets(cur.raw_documents, cur.cleaned_documents, cur.dedup_shards),
                               partition_key=source)
     training = [tr.training_mixture, tr.tokenizer, tr.base_checkpoint, tr.sft_dataset, tr.sft_checkpoint,
