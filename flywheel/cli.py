@@ -1,10 +1,13 @@
 """The `flywheel` command line: ingest logs, inspect the event log, run data-subject requests, demo.
 
+\b
     flywheel ingest logs/*.jsonl.gz        stream production logs into the event log
     flywheel events --subject ID           read events (decrypted where the key exists)
     flywheel projections status|rebuild    the tables folded from the log
     flywheel quarantine                    bad lines with file, line, offset and reason
     flywheel dsr shred SUBJECT             crypto-shred a data subject
+    flywheel promotions | promote | rollback   the champion ledger (audited overrides)
+    flywheel canary                        online feedback rates per model version
     flywheel demo                          the main job on the project's own sample data
     flywheel dev                           the Dagster UI on 127.0.0.1
 
@@ -42,6 +45,10 @@ dsr_app = typer.Typer(help="Data-subject requests: find, shred.", no_args_is_hel
 app.add_typer(projections_app, name="projections")
 app.add_typer(dsr_app, name="dsr")
 console = Console()
+
+from flywheel import cli_models
+
+cli_models.register(app)
 
 
 def _store():

@@ -14,8 +14,9 @@ Tables:
     proj_feedback       one row per FeedbackGiven
     proj_subjects       one row per subject: counts, first/last position, erasure state
     proj_dsr_requests   one row per data-subject request: kind, status, times
-View:
-    interaction_feedback  interactions joined with their feedback totals (always current)
+Views:
+    interaction_feedback        interactions joined with their feedback totals (always current)
+    feedback_by_model_version   the canary view: feedback rates and latency per answering model version
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ LEFT JOIN (
            avg(rating) AS mean_rating, count(*) FILTER (has_correction) AS corrections
     FROM proj_feedback GROUP BY request_id
 ) f USING (request_id);
+-- Canary view: online feedback rates per model version that answered (champion vs challenger).
+CREATE OR REPLACE VIEW feedback_by_model_version AS
+SELECT model_version, count(*) AS interactions,
+       count(*) FILTER (thumbs_up + thumbs_down > 0) AS rated,
+       sum(thumbs_up) AS thumbs_up, sum(thumbs_down) AS thumbs_down,
+       sum(thumbs_up) / nullif(sum(thumbs_up) + sum(thumbs_down), 0) AS thumbs_up_rate,
+       sum(thumbs_down) / nullif(count(*), 0) AS thumbs_down_per_interaction,
+       avg(mean_rating) AS mean_rating, sum(corrections) AS corrections,
+       quantile_cont(latency_ms, 0.5) AS latency_p50_ms, quantile_cont(latency_ms, 0.95) AS latency_p95_ms
+FROM interaction_feedback GROUP BY model_version;
 """
 
 # name → statements, each parameterized by (after, upto) positions.
@@ -186,6 +197,15 @@ def canonical_hash(store: EventStore) -> str:
             for row in rows:
                 h.update(orjson.dumps([str(v) if v is not None else None for v in row]))
     return h.hexdigest()
+
+
+def feedback_by_model(store: EventStore) -> list[dict[str, object]]:
+    """Rows of `feedback_by_model_version` (caught up first), one per model version that answered."""
+    catch_up(store)
+    with store.connect() as con:
+        cur = con.execute("SELECT * FROM feedback_by_model_version ORDER BY model_version")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def summary(store: EventStore) -> dict[str, object]:
