@@ -52,7 +52,9 @@ def test_checkpoint_trained_events_name_every_sample_seen(trained_state) -> None
     manifest = pq.read_table(base.inputs_manifest)
     assert manifest.num_rows == base.samples > 0
     shard_ids = set()
-    for source in ("demo_web", "demo_forum", "demo_books"):
+    import assets.curation as cur
+
+    for source in cur.source_partitions.get_partition_keys():
         shard_ids |= set(pq.read_table(home / "dvc" / "shards" / "dedup" / source / "manifest.parquet").column("sample_id").to_pylist())
     assert set(manifest.column("sample_id").to_pylist()) <= shard_ids
     assert set(manifest.column("shard_md5").to_pylist()) and all(m.endswith(".dir") for m in manifest.column("shard_md5").to_pylist())
