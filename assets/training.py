@@ -25,6 +25,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    AssetKey,
     DataVersion,
     MaterializeResult,
     MetadataValue,
@@ -40,6 +41,8 @@ from flywheel.plots import bar_png, line_plot_png, markdown_image, markdown_tabl
 from flywheel.shards import write_parquet_atomic
 
 TRAINER_TAGS = {"flywheel/resource": "trainer"}  # one training run at a time (dagster.yaml)
+# assets/loop.py's output, named by key (that module imports this one); a turn without it reads no file
+SYNTHETIC_SAMPLES = AssetKey("synthetic_samples")
 INPUT_COLUMNS = ["sample_id", "doc_id", "source", "license", "subject_id", "origin_event_id", "parent_ids",
                  "shard_stage", "shard_source", "shard_md5"]
 
@@ -315,7 +318,7 @@ def base_checkpoint(context: AssetExecutionContext, warehouse: WarehouseResource
                              data_version=DataVersion(version.md5))
 
 
-@asset(group_name="training", deps=[event_log_projections], kinds={"parquet", "dvc"})
+@asset(group_name="training", deps=[event_log_projections, SYNTHETIC_SAMPLES], kinds={"parquet", "dvc"})
 def sft_dataset(context: AssetExecutionContext, warehouse: WarehouseResource, dvc: DvcResource,
                 project: ProjectConfigResource) -> MaterializeResult:
     """Instruction conversations (files or generated, incl. JSON-schema tasks), thumbs-up production
@@ -378,7 +381,7 @@ def sft_checkpoint(context: AssetExecutionContext, warehouse: WarehouseResource,
                              data_version=DataVersion(version.md5))
 
 
-@asset(group_name="training", deps=[event_log_projections], kinds={"parquet", "dvc"})
+@asset(group_name="training", deps=[event_log_projections, SYNTHETIC_SAMPLES], kinds={"parquet", "dvc"})
 def preference_pairs(context: AssetExecutionContext, warehouse: WarehouseResource, dvc: DvcResource,
                      project: ProjectConfigResource) -> MaterializeResult:
     """Chosen/rejected pairs: user corrections vs the corrected answer, thumbs-up vs thumbs-down answers
