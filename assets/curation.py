@@ -159,17 +159,20 @@ def raw_documents(
     Bad records and the documents of erased subjects go to the exclusions (erased: id and reason only).
     """
     from flywheel.curation.pipeline import read_stage
+    from flywheel.erasure import drop_erased_documents, erased_documents
 
     paths = warehouse.paths
     name = context.partition_key
     store = warehouse.store()
     result = read_stage(load_source(paths, name), pseudonymize=store.keys.pseudonymize,
                         erased_subjects=store.keys.shredded_subjects())
+    # erased near-duplicate copies and retention-expired documents (flywheel/erasure.py)
+    kept, excluded, erased_docs = drop_erased_documents(result.kept, result.excluded, erased_documents(paths))
     info, version = publish_shard(context, paths=paths, dvc=dvc, warehouse=warehouse, stage="raw", source=name,
-                                  kept=_as_samples(result.kept), excluded=result.excluded)
+                                  kept=_as_samples(kept), excluded=excluded)
     return MaterializeResult(
-        metadata={**_common_metadata(info, version), **result.metrics, "excluded": result.excluded.num_rows,
-                  "preview": MetadataValue.md(_preview(result.kept))},
+        metadata={**_common_metadata(info, version), **result.metrics, "excluded": excluded.num_rows,
+                  "erased_documents": erased_docs, "preview": MetadataValue.md(_preview(kept))},
         data_version=DataVersion(version.md5),
     )
 

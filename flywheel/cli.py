@@ -6,6 +6,8 @@
     flywheel projections status|rebuild    the tables folded from the log
     flywheel quarantine                    bad lines with file, line, offset and reason
     flywheel dsr shred SUBJECT             crypto-shred a data subject
+    flywheel dsr access|plan|erase SUBJECT access export, erasure plan, erasure (flywheel/cli_dsr.py)
+    flywheel lineage sample|model|subject  lineage queries (table or --json)
     flywheel promotions | promote | rollback   the champion ledger (audited overrides)
     flywheel canary                        online feedback rates per model version
     flywheel demo                          the main job on the project's own sample data
@@ -304,6 +306,14 @@ def dev(port: Annotated[int, typer.Option(help="port for the UI (127.0.0.1)")] =
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)]
     console.print(f"DAGSTER_HOME={env['DAGSTER_HOME']}  →  http://127.0.0.1:{port}")
     raise SystemExit(subprocess.call(cmd, env=env))
+
+
+from flywheel.cli_dsr import dsr_access, dsr_erase, dsr_plan, lineage_app
+
+app.add_typer(lineage_app, name="lineage")
+dsr_app.command("access")(dsr_access)
+dsr_app.command("erase")(dsr_erase)
+dsr_app.command("plan")(dsr_plan)
 
 
 def main() -> None:  # pragma: no cover - console script
