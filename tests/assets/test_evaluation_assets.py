@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -118,3 +119,61 @@ def test_tampered_sealed_set_blocks_promotion(evaluated, tmp_path: Path) -> None
     assert checks["sealed_sets_unchanged"] is False
     assert not result.asset_materializations_for_node("promotion")
     assert len(EventStore(home / "warehouse.duckdb").read_stream(stream_id("tiny-llm"))) == before
+
+
+def test_flywheel_serve_follows_the_champion_alias_and_logs_traffic_that_ingests(evaluated, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flywheel serve` (a real subprocess) answers the TGI protocol for the champion; an audited
+    `flywheel promote --force` moves the alias and the server reloads; its traffic log ingests into
+    the event log and the canary view shows both versions."""
+    import httpx
+    from text_generation import Client
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from tests.serving.conftest import ServerProcess
+    from tests.serving.test_server import wait_for
+    from warehouse.projections import feedback_by_model
+
+    source, _ = evaluated
+    home = tmp_path / "home"
+    shutil.copytree(source, home, ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    runner = CliRunner()
+    tracking = Tracking.local(home)
+    stages = {v.tags["stage"]: v.version for v in tracking.versions("tiny-llm")}
+    if tracking.alias("tiny-llm", "champion") is None:  # turn 1 rejected: an audited override makes one
+        forced = runner.invoke(app, ["promote", stages["dpo"], "--force", "--actor", "test", "--reason", "serve test"])
+        assert forced.exit_code == 0, forced.output
+    first = tracking.alias("tiny-llm", "champion").version
+    second = stages["sft"] if first != stages["sft"] else stages["pretrain"]
+
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    proc = ServerProcess(None, "--poll-interval", "0.3", "--canary-share", "0", log_path=tmp_path / "serve.log",
+                         command=[flywheel, "serve"])
+    try:
+        proc.wait_healthy()
+        assert httpx.get(f"{proc.url}/info").json()["model_version"] == f"tiny-llm@{first}"
+        client = Client(proc.url, headers={"X-Request-Id": "serve-1", "X-User-Id": "alice"}, timeout=60)
+        answer = client.generate("What is 2+2?", max_new_tokens=8, decoder_input_details=True)
+        assert answer.details.generated_tokens == len(answer.details.tokens) > 0
+        r = httpx.post(f"{proc.url}/feedback", json={"request_id": "serve-1", "thumbs": -1}, headers={"X-User-Id": "alice"})
+        assert r.status_code == 200, r.text
+        moved = runner.invoke(app, ["promote", second, "--force", "--actor", "test", "--reason", "reload test"])
+        assert moved.exit_code == 0, moved.output
+        wait_for(lambda: httpx.get(f"{proc.url}/info").json()["model_version"] == f"tiny-llm@{second}", timeout=60,
+                 what="the server reloads the new champion")
+        Client(proc.url, headers={"X-Request-Id": "serve-2", "X-User-Id": "bob"}, timeout=60).generate(
+            "Hello", max_new_tokens=4)
+    finally:
+        proc.stop()
+    logs = sorted((home / "landing" / "server").glob("*.jsonl"))
+    assert logs, "the server logged no traffic"
+    ingested = runner.invoke(app, ["ingest", *map(str, logs)])
+    assert ingested.exit_code == 0, ingested.output
+    rows = {r["model_version"]: r for r in feedback_by_model(EventStore(home / "warehouse.duckdb"))}
+    assert rows[f"tiny-llm@{first}"]["interactions"] >= 1 and rows[f"tiny-llm@{first}"]["thumbs_down"] == 1
+    assert rows[f"tiny-llm@{second}"]["interactions"] >= 1
+    kinds = [(type(e.data).__name__, e.data.forced) for e in
+             EventStore(home / "warehouse.duckdb").read_stream(stream_id("tiny-llm")) if isinstance(e.data, ModelPromoted)]
+    assert kinds[-1] == ("ModelPromoted", True)

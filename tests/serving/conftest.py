@@ -110,11 +110,13 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m models.server MODEL_DIR ...` as a real subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, *args: str, log_path: Path) -> None:
+    def __init__(self, model_dir: Path | None, *args: str, log_path: Path, command: list[str] | None = None) -> None:
+        """`command` replaces `python -m models.server MODEL_DIR` (e.g. `flywheel serve`); `--port` is appended."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "models.server", str(model_dir), "--port", str(self.port), *args]
+        base = command or [sys.executable, "-m", "models.server", str(model_dir)]
+        cmd = [*base, "--port", str(self.port), *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
