@@ -2,8 +2,9 @@
 
 - `failure_cases` reads the projections (and decrypts what the detectors need) through
   `flywheel.failures`, clusters the failing interactions by type and prompt similarity, and writes
-  `$FLYWHEEL_HOME/loop/failures/{failures,clusters}.parquet` (plaintext of data subjects: kept out of
-  DVC so erasure only has to rebuild it, never to purge a cache).
+  `$FLYWHEEL_HOME/loop/failures/{failures,clusters,window}` — ids, types, signals and cluster
+  membership only: no user text at rest outside the event log, so crypto-shredding a subject is
+  enough (synthetic_samples decrypts the window again and finds an erased member redacted).
 - `synthetic_samples` turns every cluster into corrected answers, paraphrased prompts and contrastive
   pairs through `text_generation.Client` against the teacher (`[loop] teacher_url`, default: the
   champion served by `models/server.py` on a free loopback port for the asset's duration), validated by
@@ -48,6 +49,7 @@ from flywheel.plots import bar_png, line_plot_png, markdown_image, markdown_tabl
 from flywheel.shards import write_parquet_atomic
 
 LOOP_GROUP = "loop"
+TEXT_COLUMNS = ["prompt", "messages", "response", "correction"]  # decrypted text: never written by failure_cases
 PREVIEW_CHARS = 80
 
 
@@ -173,8 +175,10 @@ def failure_cases(context: AssetExecutionContext, warehouse: WarehouseResource,
     failures = find_failures(store, after, upto, policy) if upto > after else FAILURE_SCHEMA.empty_table()
     clusters = cluster_failures(failures, float(settings.get("cluster_threshold", 0.5)))
     out = failures_dir(warehouse.paths)
-    write_parquet_atomic(failures, out / "failures.parquet")
-    write_parquet_atomic(clusters, out / "clusters.parquet")
+    write_parquet_atomic(failures.drop_columns(TEXT_COLUMNS), out / "failures.parquet")
+    write_parquet_atomic(clusters.set_column(clusters.schema.get_field_index("representative_prompt"),
+                                             "representative_prompt", pa.nulls(clusters.num_rows, pa.string())),
+                         out / "clusters.parquet")
     (out / "window.json").write_text(json.dumps({"after": after, "upto": upto}))
     counts = failure_signal_counts(store, after, upto, policy, catch_up=False) if upto > after else {}
     by_type: dict[str, int] = {}
@@ -231,14 +235,21 @@ def synthetic_samples(context: AssetExecutionContext, warehouse: WarehouseResour
     `text_generation.Client`), paraphrased prompts and chosen/rejected pairs, validated (prompt-injection
     screen, PII scrub, dedup against the training data, contamination firewall); every sample keeps the
     failing interactions' event ids as `parent_ids`. Feeds sft_dataset and preference_pairs."""
+    from flywheel.failures import FAILURE_SCHEMA, find_failures
     from flywheel.synthesis import drop_counts_table, synthesize
 
     paths = warehouse.paths
     settings = loop_settings(project)
     src = failures_dir(paths)
-    if not (src / "failures.parquet").exists():
-        raise FileNotFoundError(f"{src}/failures.parquet missing: materialize failure_cases first")
-    failures, clusters = pq.read_table(src / "failures.parquet"), pq.read_table(src / "clusters.parquet")
+    if not (src / "window.json").exists():
+        raise FileNotFoundError(f"{src}/window.json missing: materialize failure_cases first")
+    window = json.loads((src / "window.json").read_text())
+    clusters = pq.read_table(src / "clusters.parquet")
+    # the text, decrypted now from the same window: a subject erased since failure_cases comes back redacted
+    after, upto = window["after"], window["upto"]
+    store = warehouse.store()
+    failures = (find_failures(store, after, upto, failure_policy(settings)) if upto > after
+                else FAILURE_SCHEMA.empty_table())
     cfg = synthesis_config(settings)
     existing = _existing_texts(paths)
     started = time.perf_counter()

@@ -124,6 +124,9 @@ def test_failures_become_validated_synthetic_data_that_training_reads(loop_home:
     id_of = {e.data.request_id: e.event_id for e in store.read(types=["InteractionLogged"])}
     failures = pq.read_table(loop_home / "loop" / "failures" / "failures.parquet")
     assert set(failures.column("request_id").to_pylist()) == FAILING
+    assert "prompt" not in failures.column_names  # no user text at rest outside the event log
+    for f in (loop_home / "loop" / "failures").iterdir():
+        assert EMAIL.encode() not in f.read_bytes() and b"sourdough" not in f.read_bytes()
     assert fc["failures"] == len(FAILING) and fc["clusters"] >= 4
     assert {"json_broken", "over_refusal", "negative_feedback"} <= set(fc["by_type"])
     assert EMAIL not in str(fc["top_clusters"])  # metadata shows scrubbed previews only
@@ -191,3 +194,24 @@ def test_production_health_reports_per_version_metrics_drift_and_alerts(loop_hom
     healthy = next(r for r in metrics if r["model_version"] == "tiny-llm@2")
     assert healthy["requests"] == 30 and healthy["error_rate"] == 0 and healthy["thumbs_up_share"] == 1.0
     assert "prompt_drift" in {a["metric"] for a in md["alerts"]}
+
+
+def test_a_subject_erased_after_failure_cases_never_reaches_synthetic_data(loop_home: Path) -> None:
+    from warehouse.store import EventStore
+
+    instance = DagsterInstance.ephemeral()
+    assert materialize(definitions(), selection=AssetSelection.assets("failure_cases"), resources=resources(loop_home),
+                       instance=instance).success
+    failures = pq.read_table(loop_home / "loop" / "failures" / "failures.parquet").to_pylist()
+    erased = next(r for r in failures if r["request_id"] == "pii")
+    store = EventStore(loop_home / "warehouse.duckdb")
+    assert store.shred_subject(erased["subject_id"], "dsr-test-1")
+    result = materialize(definitions(), selection=AssetSelection.assets("synthetic_samples"),
+                         resources=resources(loop_home), instance=instance)
+    assert result.success
+    out = loop_home / "dvc" / "synthetic" / "current"
+    rows = pq.read_table(out / "sft.parquet").to_pylist() + pq.read_table(out / "preferences.parquet").to_pylist()
+    assert rows and all(erased["event_id"] not in r["parent_ids"] for r in rows)
+    assert all(erased["subject_id"] not in r["subject_ids"] for r in rows)
+    drops = pq.read_table(out / "drops.parquet").to_pylist()
+    assert any(d["reason"] == "parent_redacted" and erased["event_id"] in d["parent_ids"] for d in drops)
