@@ -52,11 +52,12 @@ def all_definitions() -> list:
     from dagster import AssetChecksDefinition, AssetsDefinition
 
     import assets.curation
+    import assets.loop
     import assets.training
     import assets.warehouse
 
     out = []
-    for module in (assets.warehouse, assets.curation, assets.training):
+    for module in (assets.warehouse, assets.curation, assets.training, assets.loop):
         out += [v for v in vars(module).values() if isinstance(v, AssetsDefinition | AssetChecksDefinition)]
     return list({id(d): d for d in out}.values())
 
