@@ -76,6 +76,8 @@ ERASED_DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.stri
 # Derived datasets tracked under the DVC repository, and the asset that rebuilds each.
 DERIVED_DATASETS = {"mixtures/current": "training_mixture", "datasets/sft": "sft_dataset",
                     "datasets/preferences": "preference_pairs"}
+FILTERED_DATASETS = ("synthetic/current",)  # rewritten without the subject's rows (regenerating needs the teacher)
+CURATION_STAGES = ("raw", "clean", "dedup")
 MIN_SENTENCE = 24  # shorter sentences are too common to be the subject's own
 MAX_NEEDLES = 5000
 ID_COLUMNS = ("subject_id", "doc_id", "sample_id", "origin_event_id")
@@ -99,10 +101,15 @@ def request_erasure(store: EventStore, subject_ids: str | Sequence[str], *, reas
                        stream_id=f"subject-{s}", occurred_at=now, subject_id=s,
                        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"erasure-requested:{s}:{request_id}")))
               for s in subjects]
-    store.append(events)
+    ids = {"ids": [e.event_id for e in events]}
+    sql = "SELECT event_id::VARCHAR, position FROM events WHERE event_id IN (SELECT unnest($ids::UUID[]))"
     with store.connect() as con:
-        position = con.execute("SELECT max(position) FROM events WHERE event_id IN (SELECT unnest($ids::UUID[]))",
-                               {"ids": [e.event_id for e in events]}).fetchall()[0][0]
+        known = dict(con.execute(sql, ids).fetchall())
+    new = [e for e in events if e.event_id not in known]  # a repeated request is recorded once
+    if new:
+        store.append(new)
+    with store.connect() as con:
+        position = max(p for _, p in con.execute(sql, ids).fetchall())
     return {"subject_ids": subjects, "request_id": request_id, "event_id": events[0].event_id, "position": position}
 
 
@@ -490,14 +497,30 @@ def _holds_ids(data: bytes, ids: set[str]) -> bool:
         return False
     try:
         f = pq.ParquetFile(io.BytesIO(data))
-        cols = [c for c in ID_COLUMNS if c in f.schema_arrow.names]
+        cols = [c for c in (*ID_COLUMNS, "parent_ids", "subject_ids") if c in f.schema_arrow.names]
         if not cols:
             return False
         t = f.read(columns=cols)
     except Exception:  # noqa: BLE001
         return False
     values = pa.array(sorted(ids), pa.string())
-    return any(pc.any(pc.is_in(t.column(c).cast(pa.string()), values)).as_py() for c in cols)
+    return bool(_id_hits(t, values, cols).true_count)
+
+
+def _id_hits(t: pa.Table, values: pa.Array, cols: Sequence[str]) -> pa.Array:
+    """Per row: does any id column (or any parent id) name one of `values`?"""
+    hit = pa.array([False] * t.num_rows, pa.bool_())
+    for c in cols:
+        col = t.column(c)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            flat = pc.list_flatten(col)
+            parents = pc.list_parent_indices(col)
+            rows = pc.unique(pc.filter(parents, pc.fill_null(pc.is_in(flat.cast(pa.string()), values), False)))
+            mask = pc.is_in(pa.array(range(t.num_rows), pa.int64()), rows.cast(pa.int64()))
+        else:
+            mask = pc.fill_null(pc.is_in(col.cast(pa.string()), values), False)
+        hit = pc.or_(hit, mask)
+    return hit.combine_chunks() if isinstance(hit, pa.ChunkedArray) else hit
 
 
 def purge_dvc(paths: Paths, *, versions: Iterable[str], ids: set[str], rx: re.Pattern[bytes] | None) -> dict[str, Any]:
@@ -825,6 +848,32 @@ def _live_dataset_holds(paths: Paths, rel: str, ids: set[str], rx: re.Pattern[by
     return False
 
 
+def filter_dataset(paths: Paths, rel: str, ids: set[str]) -> int:
+    """Rewrite a DVC-tracked dataset directory without the rows naming `ids` (in an id column or in
+    `parent_ids`), and track the result as a new version; returns the rows removed. For derived sets
+    that cannot be regenerated cheaply (synthetic samples need the teacher)."""
+    from flywheel.shards import write_parquet_atomic
+    from flywheel.versioning import DvcRepo
+
+    d = paths.dvc_repo / rel
+    if not d.exists() or not ids:
+        return 0
+    values = pa.array(sorted(ids), pa.string())
+    removed = 0
+    for f in sorted(d.rglob("*.parquet")):
+        t = pq.read_table(f)
+        cols = [c for c in (*ID_COLUMNS, "parent_ids", "subject_ids") if c in t.column_names]
+        if not cols:
+            continue
+        hit = _id_hits(t, values, cols)
+        if hit.true_count:
+            write_parquet_atomic(t.filter(pc.invert(hit)), f)
+            removed += hit.true_count
+    if removed and d.with_name(d.name + ".dvc").exists():
+        DvcRepo.open(paths.dvc_repo, remote=paths.home / "dvc-remote").track(d)
+    return removed
+
+
 def _mixture_texts(paths: Paths) -> list[str]:
     f = paths.dvc_repo / "mixtures" / "current" / "mixture.parquet"
     return [t for t in pq.read_table(f, columns=["text"]).column("text").to_pylist() if t] if f.exists() else []
@@ -907,8 +956,10 @@ def run_erasure(store: EventStore, paths: Paths, subject_ids: str | Sequence[str
                for d in plan["near_duplicates"] if d.get("doc_id")]
     receipt["erased_documents_added"] = add_erased_documents(paths, members)
 
-    sources = sorted({p["source"] for p in plan["rematerialize"]})
-    shard_store = {"found": len(plan["shard_versions"]), "partitions": sources, "removed": 0}
+    sources = sorted({p["source"] for p in plan["rematerialize"] if p["stage"] in CURATION_STAGES})
+    shard_store = {"found": len(plan["shard_versions"]), "partitions": sources, "removed": 0,
+                   "other_partitions": sorted({f"{p['stage']}/{p['source']}" for p in plan["rematerialize"]
+                                               if p["stage"] not in CURATION_STAGES})}
     if sources and hooks.rematerialize_partitions is not None:
         hooks.rematerialize_partitions(sources)
         shard_store["removed"] = len(plan["shard_versions"])
@@ -929,8 +980,11 @@ def run_erasure(store: EventStore, paths: Paths, subject_ids: str | Sequence[str
     rebuilt = [name for rel, name in DERIVED_DATASETS.items() if _live_dataset_holds(paths, rel, ids, rx)]
     if rebuilt and hooks.rematerialize_assets is not None:
         hooks.rematerialize_assets(rebuilt)
-    stores["datasets"] = {"found": len(rebuilt), "removed": len(rebuilt) if hooks.rematerialize_assets else 0,
-                          "rebuilt": rebuilt}
+    filtered = {rel: filter_dataset(paths, rel, ids) for rel in FILTERED_DATASETS}
+    stores["datasets"] = {"found": len(rebuilt) + sum(1 for n in filtered.values() if n),
+                          "removed": (len(rebuilt) if hooks.rematerialize_assets else 0)
+                          + sum(1 for n in filtered.values() if n),
+                          "rebuilt": rebuilt, "rows_filtered": {k: v for k, v in filtered.items() if v}}
     lap("rematerialize_datasets")
 
     tok_cfg = Config.load().section("tokenizer")
@@ -1092,6 +1146,8 @@ def apply_retention(store: EventStore, paths: Paths, *, hooks: ErasureHooks | No
         hooks.rematerialize_partitions(sources)
         ids = {d["doc_id"] for d in docs}
         rebuilt = [name for rel, name in DERIVED_DATASETS.items() if _live_dataset_holds(paths, rel, ids, None)]
+        for rel in FILTERED_DATASETS:
+            filter_dataset(paths, rel, ids)
         if rebuilt and hooks.rematerialize_assets is not None:
             hooks.rematerialize_assets(rebuilt)
         purged = purge_dvc(paths, versions=versions, ids=ids, rx=None)
