@@ -215,3 +215,15 @@ def test_a_subject_erased_after_failure_cases_never_reaches_synthetic_data(loop_
     assert all(erased["subject_id"] not in r["subject_ids"] for r in rows)
     drops = pq.read_table(out / "drops.parquet").to_pylist()
     assert any(d["reason"] == "parent_redacted" and erased["event_id"] in d["parent_ids"] for d in drops)
+
+
+def test_a_configured_teacher_endpoint_is_used_instead_of_the_champion(loop_home: Path, teacher_url: str,
+                                                                        tmp_path: Path) -> None:
+    config = tmp_path / "flywheel.toml"
+    config.write_text((ROOT / "flywheel.toml").read_text().replace('teacher_url = ""', f'teacher_url = "{teacher_url}"'))
+    result = materialize(definitions(), selection=AssetSelection.assets("failure_cases", "synthetic_samples"),
+                         resources=resources(loop_home, config), instance=DagsterInstance.ephemeral())
+    assert result.success
+    syn = metadata(result, "synthetic_samples")
+    assert syn["teacher"] == f"configured endpoint {teacher_url}"
+    assert syn["teacher_calls"] >= 3 and syn["teacher_errors"] == 0
