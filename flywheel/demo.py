@@ -20,6 +20,9 @@ Everything runs in this process with Dagster's in-process executor, on the proje
 (`$FLYWHEEL_HOME/dagster`), so `make dev` shows every run. Rerunning is safe: the data is regenerated
 byte for byte, logged traffic is ingested once (event ids, run keys and persisted sensor cursors), and
 a rerun is simply another turn (new model versions, judged against the champion of the previous one).
+
+Measured on 2 cores shared with other test runs (load ≈ 4): a fresh home 3 min 31 s wall, 1.27 GB peak
+RSS (`/usr/bin/time -v flywheel demo`); a rerun on the same home 1 min 19 s, 1.10 GB.
 """
 
 from __future__ import annotations
