@@ -3,6 +3,14 @@
     .venv/bin/python benchmarks/bench_lineage.py            # 1M and 10M events (~10 min to build)
     .venv/bin/python benchmarks/bench_lineage.py --quick    # 100k and 1M events, smaller manifests
     .venv/bin/python benchmarks/bench_lineage.py --keep /tmp/lineage-bench   # reuse a built state
+    .venv/bin/python benchmarks/bench_lineage.py --quick --erasure   # + the demo erasure (~2 min more)
+
+`erasure_wall_s_demo` (run by default, by `--quick` only with `--erasure`): the demo state built as the
+test suite builds it (demo data with the canary user → curation of every source → mixture → tokenizer →
+pretrain → SFT → DPO, with the test-size step counts; model size as configured), the canary also in
+production logs, then one erasure request for both of the canary's subject ids run through
+`erasure_job` in-process on a real Dagster instance: the wall time from launch to `ErasureCompleted`,
+the receipt's per-step timings, and whether its verification scan came back clean.
 
 The state, built through the real store API in a temporary `$FLYWHEEL_HOME`:
 
@@ -341,12 +349,95 @@ def measure(store: EventStore, home: Path, state: dict[str, Any], repeats: int) 
     return out
 
 
+def measure_erasure_demo(work: Path) -> dict[str, Any]:
+    """Build the demo state under `work` and time one full erasure of the canary (see the docstring)."""
+    import gzip
+    import os
+
+    from dagster import AssetSelection, DagsterInstance, materialize
+
+    from flywheel import demo_data
+    from flywheel.config import PROJECT_ROOT
+
+    base = work / "demo"
+    shutil.rmtree(base, ignore_errors=True)
+    home = base / "home"
+    (home / "dagster").mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    from tests.assets.conftest import small_config  # the test suite's step counts: the erasure does not train
+
+    os.environ.update(FLYWHEEL_HOME=str(home), DAGSTER_HOME=str(home / "dagster"),
+                      FLYWHEEL_CONFIG=str(small_config(base / "flywheel.toml")))
+    import assets.curation as cur
+    import assets.training as tr
+    import assets.warehouse as wh
+    from assets.resources import DvcResource, ProjectConfigResource, WarehouseResource
+    from flywheel.definitions import defs
+    from flywheel.erasure import request_erasure
+    from sensors.erasure import _definitions
+    from warehouse.ingest import Ingester
+
+    t = time.perf_counter()
+    instance = DagsterInstance.get()
+    resources = {"warehouse": WarehouseResource(home=str(home)), "dvc": DvcResource(home=str(home)),
+                 "project": ProjectConfigResource()}
+    definitions = _definitions()
+
+    def run(selection: AssetSelection, partition_key: str | None = None) -> None:
+        assert materialize(definitions, selection=selection, resources=resources, instance=instance,
+                           partition_key=partition_key).success
+
+    demo_data.write_all(home / "demo-data")
+    run(AssetSelection.assets(cur.sealed_eval_index, wh.event_log_projections))
+    for source in cur.source_partitions.get_partition_keys():
+        run(AssetSelection.assets(cur.raw_documents, cur.cleaned_documents, cur.dedup_shards), source)
+    chain = [tr.training_mixture, tr.tokenizer, tr.base_checkpoint, tr.sft_dataset, tr.sft_checkpoint,
+             tr.preference_pairs, tr.dpo_checkpoint]
+    run(AssetSelection.assets(*chain) | AssetSelection.checks_for_assets(*chain))
+    store = EventStore(home / "warehouse.duckdb")
+    c = demo_data.CANARY_USER
+    landing = home / "landing" / "server.jsonl.gz"
+    landing.parent.mkdir(parents=True, exist_ok=True)
+    landing.write_bytes(gzip.compress("".join(json.dumps(
+        {"type": "interaction", "request_id": f"canary-{i}", "user_id": c["email"], "model_version": "tiny-llm@3",
+         "timestamp": f"2026-11-02T09:00:0{i}Z", "messages": [{"role": "user", "content": f"I am {c['name']}. {i}"}],
+         "response": "ok", "latency_ms": 10.0, "prompt_tokens": 3, "completion_tokens": 1}) + "\n" for i in range(3)).encode()))
+    Ingester(store).ingest_file(landing)
+    build_s = time.perf_counter() - t
+    subjects = [store.keys.pseudonymize(f"stackexchange:demo.forum:{c['id']}"), store.keys.pseudonymize(c["email"])]
+    req = request_erasure(store, subjects, reason="benchmark")
+    t = time.perf_counter()
+    result = defs.resolve_job_def("erasure_job").execute_in_process(
+        run_config={"ops": {"erase_subject": {"config": {"subject_ids": subjects, "request_id": req["request_id"]}}}},
+        instance=instance)
+    wall = time.perf_counter() - t
+    assert result.success
+    (done, *_) = [e for e in store.read(types=["ErasureCompleted"]) if e.data.request_id == req["request_id"]]
+    receipt = done.data.receipt
+    return {"demo_build_s": round(build_s, 1), "erasure_wall_s_demo": wall, "erasure_receipt_wall_s_demo": receipt["wall_s"],
+            "erasure_verified_demo": bool(done.data.verified), "erasure_fingerprints_demo": receipt["verification"]["needles"],
+            "erasure_files_scanned_demo": sum(v["files"] for v in receipt["verification"]["stores"].values()),
+            "erasure_steps_s_demo": receipt["timings_s"]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100k and 1M events, 200k documents")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", type=Path, default=None, help="build into / reuse this directory")
+    parser.add_argument("--erasure", action=argparse.BooleanOptionalAction, default=None,
+                        help="time a full erasure on the demo state (default: on, off with --quick)")
+    parser.add_argument("--only-erasure", action="store_true", help="only the demo erasure (keeps other figures)")
     args = parser.parse_args(argv)
+    if args.only_erasure:
+        work = args.keep or Path(tempfile.mkdtemp(prefix="bench-erasure-"))
+        path = RESULTS / "bench_lineage.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results.update(measure_erasure_demo(work))
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in results.items() if "demo" in k}, indent=2))
+        return results
     sizes = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
     labels = ("100k", "1m") if args.quick else ("1m", "10m")
     docs_total = 200_000 if args.quick else 1_000_000
@@ -372,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[f"events_{label}"] = store.head()
         results.update({k: state[k] for k in ("manifest_rows", "shard_versions")})
         results["inputs_rows"] = state["inputs_rows"]
+    if args.erasure or (args.erasure is None and not args.quick):
+        results.update(measure_erasure_demo(work))
     print()
     print(f"{'measure':<44}{'value':>14}")
     for k, v in results.items():

@@ -811,6 +811,58 @@ def guard_champion(store: EventStore, paths: Paths, models: Iterable[str], reque
     return out
 
 
+def removable_tainted_versions(store: EventStore, paths: Paths, model: str) -> list[str]:
+    """Tainted versions that may leave the registry: a clean (untainted) champion has been promoted,
+    and the version is neither the champion nor behind another alias."""
+    from models.promotion import ledger
+    from models.registry import Tracking
+
+    champion = ledger(store, model).champion
+    tainted = tainted_versions(store, model)
+    if champion is None or champion in tainted or not tainted:
+        return []
+    tracking = Tracking.local(paths.home)
+    aliased = {ref.version for a in ("champion", "challenger") if (ref := tracking.alias(model, a)) is not None}
+    registered = {v.version for v in tracking.versions(model)}
+    return sorted((v for v in tainted if v in registered and v not in aliased), key=lambda v: (len(v), v))
+
+
+def promotions_after(store: EventStore, after_position: int) -> list[dict[str, Any]]:
+    """`ModelPromoted` events after a log position (the registry-cleanup sensor's query)."""
+    with store.connect() as con:
+        rows = con.execute("SELECT position, event_id::VARCHAR, payload->>'model_name', payload->>'model_version' "
+                           "FROM events WHERE type = 'ModelPromoted' AND position > ? ORDER BY position",
+                           [after_position]).fetchall()
+    return [{"position": p, "event_id": e, "model": m, "version": v} for p, e, m, v in rows]
+
+
+def remove_tainted_versions(store: EventStore, paths: Paths, model: str) -> dict[str, Any]:
+    """Once a clean successor is champion: delete the tainted versions from the registry, their MLflow
+    runs (then `mlflow gc`) and their checkpoint versions from the DVC cache and remote (objects a live
+    version still references are kept)."""
+    from models.registry import Tracking
+
+    versions = removable_tainted_versions(store, paths, model)
+    if not versions:
+        return {"model": model, "removed_versions": [], "runs_deleted": 0, "dvc": {}}
+    tracking = Tracking.local(paths.home)
+    run_ids = []
+    for v in versions:
+        ref = tracking.version(model, v)
+        if ref.run_id:
+            run_ids.append(ref.run_id)
+        tracking.client.delete_model_version(model, v)
+    with store.connect() as con:
+        md5s = [r[0] for r in con.execute(
+            "SELECT DISTINCT payload->>'checkpoint_md5' FROM events WHERE type = 'CheckpointTrained' AND "
+            "payload->>'model_name' = $m AND payload->>'model_version' IN (SELECT unnest($v::VARCHAR[]))",
+            {"m": model, "v": versions}).fetchall() if r[0]]
+    ml = mlflow_cleanup(paths, run_ids=run_ids, rx=None)
+    dvc = purge_dvc(paths, versions=md5s, ids=set(), rx=None)
+    return {"model": model, "removed_versions": versions, "runs_deleted": ml["runs_deleted"],
+            "gc": ml.get("gc"), "dvc": {k: v for k, v in dvc.items() if k != "live_objects_holding_subject"}}
+
+
 # --------------------------------------------------------------------------------------------------------
 # The erasure job
 
@@ -1007,7 +1059,7 @@ def run_erasure(store: EventStore, paths: Paths, subject_ids: str | Sequence[str
     dvc = purge_dvc(paths, versions=plan["dvc_versions"], ids=ids, rx=rx)
     stores["dvc_cache"] = {"found": dvc["objects_purged"], "removed": dvc["removed"]["cache"]}
     stores["dvc_remote"] = {"found": dvc["objects_purged"], "removed": dvc["removed"]["remote"],
-                            "live_objects_holding_subject": len(dvc["live_objects_holding_subject"])}
+                            "live_objects_referencing_subject_ids": len(dvc["live_objects_holding_subject"])}
     lap("dvc_purge")
 
     stores["logs"] = scrub_landing(paths, store.keys.pseudonymize, set(subjects))

@@ -9,6 +9,9 @@ the retention schedule. The logic is `flywheel.erasure`; this module only wires 
   runs whose storage held the subject.
 - `retrain_after_erasure_sensor` — cursor: the position of the last `CheckpointTainted`; one run of
   `retrain_after_erasure_job` (mixture → tokenizer → base → SFT → DPO) per erasure request.
+- `tainted_versions_sensor` — after a `ModelPromoted` of an untainted champion, one run of
+  `remove_tainted_versions_job`: tainted versions leave the registry, their runs and DVC checkpoint
+  versions are deleted.
 - `retention_schedule` — `retention_job` on `[retention] cron`: expired production-log subjects
   become erasure requests, expired documents are dropped and their partitions rebuilt and purged.
 """
@@ -155,6 +158,44 @@ def retrain_after_erasure_sensor(context: SensorEvaluationContext, warehouse: Wa
     )
 
 
+class RegistryCleanupConfig(Config):
+    model: str
+
+
+@op
+def remove_tainted(context: OpExecutionContext, config: RegistryCleanupConfig, warehouse: WarehouseResource) -> dict:
+    """Delete tainted model versions (registry, runs, DVC checkpoint versions) once a clean champion serves."""
+    from flywheel.erasure import remove_tainted_versions
+
+    report = remove_tainted_versions(warehouse.store(), warehouse.paths, config.model)
+    context.log.info(f"{config.model}: removed tainted versions {report['removed_versions']}")
+    return report
+
+
+@job(tags={"flywheel/stage": "erasure"})
+def remove_tainted_versions_job() -> None:
+    """Remove the tainted versions of a model from the registry after a clean successor's promotion."""
+    remove_tainted()
+
+
+@sensor(job=remove_tainted_versions_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
+def tainted_versions_sensor(context: SensorEvaluationContext, warehouse: WarehouseResource):
+    """`ModelPromoted` of an untainted version while tainted versions remain → remove them (cursor: log
+    position; run key: the promotion's event id)."""
+    from flywheel.erasure import promotions_after, removable_tainted_versions
+
+    after = int(context.cursor or 0)
+    promotions = promotions_after(warehouse.store(), after)
+    if not promotions:
+        return SkipReason(f"no ModelPromoted after position {after}")
+    latest = {p["model"]: p for p in promotions}
+    requests = [RunRequest(run_key=f"remove-tainted-{p['event_id']}",
+                           run_config={"ops": {"remove_tainted": {"config": {"model": model}}}})
+                for model, p in sorted(latest.items())
+                if removable_tainted_versions(warehouse.store(), warehouse.paths, model)]
+    return SensorResult(run_requests=requests, cursor=str(promotions[-1]["position"]))
+
+
 @op
 def expire_retention(context: OpExecutionContext, warehouse: WarehouseResource, dvc: DvcResource,
                      project: ProjectConfigResource) -> dict:
@@ -180,5 +221,6 @@ retention_schedule = ScheduleDefinition(
 
 def erasure_definitions() -> Definitions:
     """The erasure jobs, sensors and schedule (merged into `flywheel.definitions.defs`)."""
-    return Definitions(jobs=[erasure_job, retrain_after_erasure_job, retention_job],
-                       sensors=[erasure_sensor, retrain_after_erasure_sensor], schedules=[retention_schedule])
+    return Definitions(jobs=[erasure_job, retrain_after_erasure_job, retention_job, remove_tainted_versions_job],
+                       sensors=[erasure_sensor, retrain_after_erasure_sensor, tainted_versions_sensor],
+                       schedules=[retention_schedule])

@@ -216,3 +216,46 @@ def test_canary_is_erased_from_every_store(state_copy) -> None:
     (rr,) = retrain.run_requests
     assert rr.run_key == f"retrain-{req['request_id']}"
     assert retrain_after_erasure_sensor.job_name == "retrain_after_erasure_job"
+
+
+@pytest.mark.slow
+def test_retrain_after_erasure_then_a_clean_champion_retires_the_tainted_versions(state_copy) -> None:
+    """The rest of the taint path, executed: the retrain run the sensor requests, a clean successor
+    promoted, then the tainted versions leave the registry, MLflow and DVC."""
+    from flywheel.cli_dsr import run_erasure_job
+    from flywheel.definitions import defs
+    from flywheel.erasure import request_erasure
+    from models.promotion import promote
+    from models.registry import Tracking
+    from sensors.erasure import retrain_after_erasure_sensor, tainted_versions_sensor
+    from warehouse.lineage import lineage_model
+
+    home = state_copy.home
+    store = EventStore(Paths(home).warehouse)
+    forum = store.keys.pseudonymize(f"stackexchange:demo.forum:{demo_data.CANARY_USER['id']}")
+    tracking = Tracking.local(home)
+    old_runs = {v.version: v.run_id for v in tracking.versions("tiny-llm")}
+    req = request_erasure(store, [forum], reason="slow test")
+    assert run_erasure_job([forum], req["request_id"])["verification"]["clean"]
+
+    resources = {"warehouse": state_copy.resources()["warehouse"]}
+    (retrain,) = retrain_after_erasure_sensor(build_sensor_context(cursor="0", resources=resources)).run_requests
+    result = defs.resolve_job_def("retrain_after_erasure_job").execute_in_process(instance=state_copy.instance,
+                                                                                tags=retrain.tags)
+    assert result.success
+    new = [e.data for e in store.read(types=["CheckpointTrained"]) if e.data.stage == "dpo"][-1].model_version
+    assert new not in {"1", "2", "3"}
+    clean = lineage_model(store, home, "tiny-llm", new)
+    assert clean["subjects"]["erased"] == [] and not clean["flags"]  # the successor never saw the subject
+    promote(store, tracking, "tiny-llm", new, None, forced=True, actor="test", reason="clean successor")
+
+    (cleanup,) = tainted_versions_sensor(build_sensor_context(cursor="0", resources=resources)).run_requests
+    assert defs.resolve_job_def("remove_tainted_versions_job").execute_in_process(
+        run_config=cleanup.run_config, instance=state_copy.instance).success
+    remaining = {v.version for v in tracking.versions("tiny-llm")}
+    assert not remaining & {"1", "2", "3"} and new in remaining
+    for version in ("1", "2", "3"):
+        with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST|not found|No Run"):
+            tracking.client.get_run(old_runs[version])
+    assert scan(home, NEEDLES) == {n: [] for n in NEEDLES}
+    assert tainted_versions_sensor(build_sensor_context(cursor="0", resources=resources)).run_requests == []  # done

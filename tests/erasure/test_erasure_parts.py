@@ -240,10 +240,15 @@ def test_retention_turns_expired_data_into_erasure(tmp_path: Path, monkeypatch: 
 
 def test_sensors_skip_without_requests_and_the_schedule_reads_the_config(tmp_path: Path) -> None:
     from assets.resources import WarehouseResource
-    from sensors.erasure import erasure_sensor, retention_schedule, retrain_after_erasure_sensor
+    from sensors.erasure import (
+        erasure_sensor,
+        retention_schedule,
+        retrain_after_erasure_sensor,
+        tainted_versions_sensor,
+    )
 
     resources = {"warehouse": WarehouseResource(home=str(tmp_path))}
-    for s in (erasure_sensor, retrain_after_erasure_sensor):
+    for s in (erasure_sensor, retrain_after_erasure_sensor, tainted_versions_sensor):
         assert isinstance(s(build_sensor_context(cursor=None, resources=resources)), SkipReason)
     assert retention_schedule.cron_schedule == "30 2 * * *" and retention_schedule.job_name == "retention_job"
 
