@@ -9,32 +9,38 @@ remove it, and receipt what was found, removed and verified.
 or a derived dataset, deleting a Dagster run) arrives as callables in `ErasureHooks`, supplied by the
 Dagster job in `sensors/erasure.py` (or by a test). The steps, in order:
 
-1. **plan** — `warehouse.lineage.erasure_plan`: events, documents and samples, near-duplicate
-   cluster members carrying the subject's text, synthetic children, checkpoints, model versions.
-2. **fingerprints** — while the key still exists: the subject's decrypted personal fields and the
-   sentences of their documents, held in memory only (never logged, never written), to verify with.
-3. **shred** — destroy the subject key (`EventStore.shred_subject`), leaving the tombstone.
-4. **documents** — near-duplicate members are added to the erased-documents list
+A person may have several subject ids (their identifiers in different sources): one request names
+them all and one run erases them together. The steps, in order:
+
+1. **plan** — `warehouse.lineage.erasure_plan` per subject id: events, documents and samples,
+   near-duplicate cluster members carrying the subject's text, synthetic children, checkpoints, model
+   versions, quarantined lines.
+2. **fingerprints** — while the key still exists: the decrypted personal fields, the sentences of their
+   documents, the PII span values the curation scrubber finds there and identifier-like tokens, minus
+   what other people's remaining documents also contain; in memory only (never logged or written).
+3. **shred** — destroy the subject keys (`EventStore.shred_subject`), leaving the tombstones.
+4. **re-materialize** — near-duplicate members go on the erased-documents list
    (`$FLYWHEEL_HOME/erasure/erased_documents.parquet`: doc ids and request ids only), which the
-   curation read step drops like an erased subject's documents.
-5. **re-materialize** the affected partitions (raw → clean → dedup, new versions), then every derived
-   dataset whose live version still holds the subject (mixture, SFT set, preference pairs).
-6. **tokenizer** — a vocabulary entry the tokenizer could only have learned from the subject's text
+   curation read step drops like an erased subject's documents; the affected curation partitions are
+   re-materialized (raw → clean → dedup, new versions), then every derived dataset whose live version
+   still names the subject (mixture, SFT set, preference pairs); the loop's synthetic samples are
+   rewritten without rows whose `parent_ids` name the subject's events.
+5. **tokenizer** — a vocabulary entry the tokenizer could only have learned from the subject's text
    (it occurs in their text, fewer than `min_frequency` times in the remaining mixture) makes the
    tokenizer retrain.
-7. **purge** every unreferenced DVC object (cache and remote) holding the subject — the earlier
-   versions of the affected shards and datasets — by object hash; hashes referenced by a live
-   version are never touched. Production-log files in `landing/` are rewritten without the
-   subject's lines. MLflow runs whose artifacts hold the subject are deleted and `mlflow gc` run;
-   Dagster runs whose event log or compute logs hold the subject are deleted and the SQLite files
-   vacuumed.
-8. **taint** — `CheckpointTainted` for every model version trained on the subject's data (directly,
+6. **purge** — projections rebuilt; every DVC object (cache and remote) no live version references
+   that belongs to an affected version or holds the subject, by object hash (live objects are never
+   touched); landing files rewritten without the subject's lines; MLflow runs whose artifacts hold the
+   subject deleted and `mlflow gc` run; Dagster runs whose event log or compute logs hold the subject
+   deleted and the SQLite files vacuumed.
+7. **taint** — `CheckpointTainted` for every model version trained on the subject's data (directly,
    through a near-duplicate or a synthetic child, or from a tainted parent); a tainted champion is
-   replaced by the latest untainted earlier champion through the promotion ledger (audited), or
-   its alias withdrawn; the retrain sensor turns the taint into a retrain run.
-9. **verify and receipt** — the projections are rebuilt, the stores scanned byte by byte
-   (`scan_stores`: gzip and Parquet decompressed, DuckDB and SQLite read logically too), and
-   `ErasureCompleted` carries the receipt: per store, found and removed counts, and the scan result.
+   replaced by the latest untainted earlier champion through the promotion ledger (audited), or its
+   alias withdrawn; the retrain sensor turns the taint into a retrain run, and once a clean successor
+   is champion `remove_tainted_versions` retires the tainted versions (registry, runs, DVC).
+8. **verify and receipt** — the stores scanned byte by byte (`scan_stores`: gzip and Parquet
+   decompressed, DuckDB and SQLite read value by value), and `ErasureCompleted` (one per subject id)
+   carries the receipt: per store, found and removed counts, and the scan result.
 
 Retention (`[retention]` in flywheel.toml) runs through the same machinery: production-log subjects
 inactive longer than the window get an `ErasureRequested` (reason "retention"), and corpus documents
@@ -347,29 +353,36 @@ def _sqlite_values(path: Path) -> bytes | None:
     return bytes(out)
 
 
-def _duckdb_values(path: Path) -> bytes | None:
+def _duckdb_values(path: Path, store: EventStore | None = None) -> bytes | None:
     """Every VARCHAR/JSON/BLOB value of a DuckDB file (its storage compresses strings, so the raw
-    bytes alone prove nothing)."""
+    bytes alone prove nothing). The event store's own file is read through its lock."""
     import duckdb
 
+    if store is not None and Path(store.path).resolve() == Path(path).resolve():
+        with store.connect() as con:
+            return _duckdb_read(con)
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error:
         return None
-    out = bytearray()
     try:
-        cols = con.execute("SELECT table_name, column_name FROM information_schema.columns WHERE data_type IN "
-                           "('VARCHAR', 'JSON', 'BLOB') OR data_type LIKE 'VARCHAR%' OR data_type LIKE 'STRUCT%' "
-                           "OR data_type LIKE '%[]'").fetchall()
-        for table, column in cols:
-            qt, qc = table.replace('"', '""'), column.replace('"', '""')
-            arr = con.execute(f'SELECT "{qc}"::VARCHAR AS v FROM "{qt}"').to_arrow_table().column("v")
-            for chunk in arr.chunks:
-                for buf in chunk.buffers()[1:]:
-                    if buf is not None:
-                        out += buf.to_pybytes()
+        return _duckdb_read(con)
     finally:
         con.close()
+
+
+def _duckdb_read(con: Any) -> bytes:
+    out = bytearray()
+    cols = con.execute("SELECT table_name, column_name FROM information_schema.columns WHERE data_type IN "
+                       "('VARCHAR', 'JSON', 'BLOB') OR data_type LIKE 'VARCHAR%' OR data_type LIKE 'STRUCT%' "
+                       "OR data_type LIKE '%[]'").fetchall()
+    for table, column in cols:
+        qt, qc = table.replace('"', '""'), column.replace('"', '""')
+        arr = con.execute(f'SELECT "{qc}"::VARCHAR AS v FROM "{qt}"').to_arrow_table().column("v")
+        for chunk in arr.chunks:
+            for buf in chunk.buffers()[1:]:
+                if buf is not None:
+                    out += buf.to_pybytes()
     return bytes(out)
 
 
@@ -394,7 +407,21 @@ def store_of(rel: Path) -> str:
             "erasure": "erasure"}.get(top, "other")
 
 
-def scan_stores(home: Path, needles: Iterable[str | bytes], *, exclude: Sequence[Path] = ()) -> dict[str, Any]:
+LARGE_FILE = 256 << 20  # larger files are scanned raw, in chunks (a checkpoint's weights, not a container)
+
+
+def _scan_large(p: Path, rx: re.Pattern[bytes], overlap: int) -> bool:
+    tail = b""
+    with open(p, "rb") as f:
+        while chunk := f.read(64 << 20):
+            if rx.search(tail + chunk):
+                return True
+            tail = chunk[-overlap:]
+    return False
+
+
+def scan_stores(home: Path, needles: Iterable[str | bytes], *, exclude: Sequence[Path] = (),
+                store: EventStore | None = None) -> dict[str, Any]:
     """Scan every file under `home` (except `exclude`) for any needle: raw bytes, gzip and Parquet
     decompressed, SQLite and DuckDB files read value by value. Returns per store the files and bytes
     scanned and the files with hits (paths and views only — never the needle)."""
@@ -417,6 +444,13 @@ def scan_stores(home: Path, needles: Iterable[str | bytes], *, exclude: Sequence
             rel = p.relative_to(home)
             s = stores.setdefault(store_of(rel), {"files": 0, "bytes": 0, "hits": []})
             try:
+                size = p.stat().st_size
+                if size > LARGE_FILE and not p.name.endswith((".parquet", ".gz", ".db", ".duckdb")):
+                    s["files"] += 1
+                    s["bytes"] += size
+                    if _scan_large(p, rx, max(len(x) for x in pats)):
+                        s["hits"].append({"path": str(rel), "views": ["raw"]})
+                    continue
                 data = p.read_bytes()
             except OSError:
                 continue
@@ -428,7 +462,7 @@ def scan_stores(home: Path, needles: Iterable[str | bytes], *, exclude: Sequence
                 if v is not None:
                     views.append(("sqlite", v))
             elif f.endswith(".duckdb") and data[8:12] == b"DUCK":
-                v = _duckdb_values(p)
+                v = _duckdb_values(p, store)
                 if v is not None:
                     views.append(("duckdb", v))
             hit_views = [k for k, v in views if rx.search(v)]
@@ -1093,7 +1127,7 @@ def run_erasure(store: EventStore, paths: Paths, subject_ids: str | Sequence[str
 
     store.checkpoint()
     scan = scan_stores(paths.home, needles + [t for t in learned if len(t) >= 8],
-                       exclude=[_data_root(paths), *hooks.exclude_from_scan])
+                       exclude=[_data_root(paths), *hooks.exclude_from_scan], store=store)
     receipt["verification"] = {
         "needles": scan["needles"], "clean": scan["clean"], "hits": scan["hits"],
         "stores": {k: {"files": v["files"], "bytes": v["bytes"], "hits": len(v["hits"])} for k, v in scan["stores"].items()},
