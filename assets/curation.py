@@ -120,7 +120,9 @@ def publish_shard(
     )
     warehouse.store().append(
         [NewEvent(event, f"shard-{stage}-{source}", datetime.now(UTC),
-                  event_id=_uuid(f"shard:{stage}:{source}:{version.md5}:{info.content_digest}"))]
+                  # one event per (shard version, run): a retried run is a no-op, a later run that
+                  # re-materializes identical data records that it did (its own run id)
+                  event_id=_uuid(f"shard:{stage}:{source}:{version.md5}:{info.content_digest}:{context.run.run_id}"))]
     )
     return info, version
 

@@ -85,7 +85,7 @@ def _record_checkpoint(store, *, stage: str, model: str, version: str | None, ch
                               checkpoint_md5=md5, inputs_manifest=str(manifest), inputs_digest=digest,
                               samples=inputs.num_rows, parent_model_version=parent, mlflow_run_id=run_id,
                               dagster_run_id=dagster_run, metrics={k: float(v) for k, v in metrics.items()})
-    store.append([NewEvent(event, f"model-{model}", datetime.now(UTC), event_id=_uuid(f"ckpt:{stage}:{md5}:{digest}"))])
+    store.append([NewEvent(event, f"model-{model}", datetime.now(UTC), event_id=_uuid(f"ckpt:{stage}:{md5}:{digest}:{version}:{dagster_run}"))])
     return manifest
 
 

@@ -98,6 +98,19 @@ def test_every_version_is_tracked_and_recorded(demo_home) -> None:
         assert (home / "dvc-remote" / "files" / "md5" / e.data.dvc_md5[:2] / e.data.dvc_md5[2:]).exists()
 
 
+def test_rematerializing_unchanged_data_in_a_new_run_records_it_again(demo_home) -> None:
+    """Same data, new run: the same shard version (md5) is recorded once per run, never a conflict."""
+    home, instance, _ = demo_home
+    store = EventStore(home / "warehouse.duckdb")
+    before = [e for e in store.read(types=["ShardMaterialized"]) if e.data.source == "demo_books"]
+    result = run_partition(home, instance, "demo_books")
+    after = [e for e in store.read(types=["ShardMaterialized"]) if e.data.source == "demo_books"]
+    assert len(after) == len(before) + 3
+    new = after[len(before):]
+    assert {e.data.dagster_run_id for e in new} == {result.run_id}
+    assert {(e.data.stage, e.data.dvc_md5) for e in new} == {(e.data.stage, e.data.dvc_md5) for e in before}
+
+
 def test_forum_users_are_subjects_and_a_shredded_subject_leaves_on_rematerialization(demo_home) -> None:
     home, instance, _ = demo_home
     store = EventStore(home / "warehouse.duckdb")
