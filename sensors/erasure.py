@@ -22,6 +22,7 @@ from dagster import (
     DefaultScheduleStatus,
     DefaultSensorStatus,
     Definitions,
+    MetadataValue,
     OpExecutionContext,
     RunRequest,
     ScheduleDefinition,
@@ -37,6 +38,7 @@ from dagster import (
 
 from assets.resources import DvcResource, ProjectConfigResource, WarehouseResource
 from flywheel.config import Config as ProjectConfig
+from flywheel.plots import markdown_table
 
 CURATION_ASSETS = ("raw_documents", "cleaned_documents", "dedup_shards")
 RETRAIN_ASSETS = ("training_mixture", "tokenizer", "base_checkpoint", "sft_dataset", "sft_checkpoint",
@@ -104,8 +106,12 @@ def erase_subject(context: OpExecutionContext, config: ErasureConfig, warehouse:
 
     receipt = run_erasure(warehouse.store(), warehouse.paths, config.subject_ids, config.request_id,
                           hooks=erasure_hooks(context, warehouse, dvc, project), log=context.log.info)
+    rows = [{"store": name, "found": v.get("found", ""), "removed": v.get("removed", ""),
+             "scan hits": receipt["verification"]["stores"].get(name, {}).get("hits", "")}
+            for name, v in sorted(receipt["stores"].items())]
     context.add_output_metadata({"verified": receipt["verification"]["clean"], "wall_s": receipt["wall_s"],
-                                 "tainted": len(receipt["tainted"])})
+                                 "tainted": len(receipt["tainted"]), "receipt": MetadataValue.json(receipt),
+                                 "stores": MetadataValue.md(markdown_table(rows))})
     return {"request_id": receipt["request_id"], "verified": receipt["verification"]["clean"]}
 
 

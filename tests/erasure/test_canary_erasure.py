@@ -162,6 +162,9 @@ def test_canary_is_erased_from_every_store(state_copy) -> None:
     result = defs.resolve_job_def("erasure_job").execute_in_process(
         run_config=run_request.run_config, instance=instance, tags=run_request.tags)
     assert result.success
+    (output,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    shown = output.event_specific_data.metadata  # what the UI shows on the erasure run
+    assert shown["verified"].value is True and "dvc_remote" in shown["stores"].value
 
     # the receipt: per store found/removed, the verification scan clean
     completed = [e for e in store.read(types=["ErasureCompleted"])]
