@@ -139,6 +139,7 @@ def test_canary_is_erased_from_every_store(state_copy) -> None:
 
     forum = store.keys.pseudonymize(f"stackexchange:demo.forum:{demo_data.CANARY_USER['id']}")
     logs = store.keys.pseudonymize(demo_data.CANARY_USER["email"])
+    forum_versions = {e.data.dvc_md5 for e in store.read(types=["ShardMaterialized"]) if e.data.source == "demo_forum"}
     before = scan(home, NEEDLES)
     assert all(before.values()), before  # the canary is there to be found, in every form
     stores_before = {p.split("/")[0] for hits in before.values() for p in hits}
@@ -190,6 +191,13 @@ def test_canary_is_erased_from_every_store(state_copy) -> None:
     after = scan(home, NEEDLES)
     assert after == {n: [] for n in NEEDLES}, after
     assert all(scan(home / "demo-data", NEEDLES, skip=()).values())  # the upstream corpora still do: the scan sees
+
+    # every earlier version of the forum partitions is gone from the DVC cache and remote, by hash
+    from flywheel.versioning import DvcRepo
+
+    repo = DvcRepo(home / "dvc", home / "dvc-remote")
+    for md5 in forum_versions:
+        assert repo.has_object(md5) == {"cache": False, "remote": False}, md5
 
     # what remains: the neighbour, new shard versions without the subject, a tombstone, a retrain request
     assert "NEIGHBOUR-KEEP" in gzip.decompress((paths.landing / "server-20261102.jsonl.gz").read_bytes()).decode()
