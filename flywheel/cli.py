@@ -5,7 +5,7 @@
     flywheel events --subject ID           read events (decrypted where the key exists)
     flywheel projections status|rebuild    the tables folded from the log
     flywheel quarantine                    bad lines with file, line, offset and reason
-    flywheel dsr shred SUBJECT             crypto-shred a data subject
+    flywheel dsr shred SUBJECT             crypto-shred a data subject (the key only)
     flywheel dsr access|plan|erase SUBJECT access export, erasure plan, erasure (flywheel/cli_dsr.py)
     flywheel lineage sample|model|subject  lineage queries (table or --json)
     flywheel promotions | promote | rollback   the champion ledger (audited overrides)
@@ -43,7 +43,7 @@ from flywheel.config import Paths, ensure_dagster_home
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, rich_markup_mode=None, add_completion=False)
 projections_app = typer.Typer(help="The projection tables folded from the event log.", no_args_is_help=True)
-dsr_app = typer.Typer(help="Data-subject requests: find, shred.", no_args_is_help=True)
+dsr_app = typer.Typer(help="Data-subject requests: find, access, plan, erase, shred.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
 app.add_typer(dsr_app, name="dsr")
 console = Console()
