@@ -33,6 +33,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
+    AutomationCondition,
     DataVersion,
     MaterializeResult,
     MetadataValue,
@@ -375,7 +376,8 @@ def health_report(store, paths: Paths, settings: dict[str, Any], after: int = 0,
             "recent_prompts": len(recent), "reference_prompts": len(reference)}
 
 
-@asset(group_name=LOOP_GROUP, deps=[event_log_projections], kinds={"duckdb", "scipy"})
+@asset(group_name=LOOP_GROUP, deps=[event_log_projections], kinds={"duckdb", "scipy"},
+       automation_condition=AutomationCondition.eager())
 def production_health(context: AssetExecutionContext, warehouse: WarehouseResource,
                       project: ProjectConfigResource) -> MaterializeResult:
     """Served models from the event log: latency P50/P95, tokens/s, error and refusal rates, feedback rates

@@ -1,13 +1,15 @@
 """Warehouse assets: the event-log projections the rest of the graph reads."""
 
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AutomationCondition, MaterializeResult, MetadataValue, asset
 
 from assets.resources import WarehouseResource
 from warehouse import projections
 
 
-@asset(group_name="warehouse", kinds={"duckdb"})
+# Declarative automation: the projections refold every 10 minutes (the production-log sensor's runs
+# also catch them up); production_health follows them (assets/loop.py).
+@asset(group_name="warehouse", kinds={"duckdb"}, automation_condition=AutomationCondition.on_cron("*/10 * * * *"))
 def event_log_projections(context: AssetExecutionContext, warehouse: WarehouseResource) -> MaterializeResult:
     """Interactions, feedback, subjects and data-subject requests, folded from the event log.
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, AssetMaterialization, DagsterInstance, materialize
 
 from tests.conftest import ROOT
 
@@ -97,3 +97,36 @@ def test_dagster_dev_serves_the_asset_graph_on_loopback(home: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_declarative_automation_refreshes_health_after_the_projections(home) -> None:
+    """event_log_projections is on a cron condition; production_health follows it eagerly."""
+    import datetime as dt
+
+    from dagster import DagsterInstance, evaluate_automation_conditions
+
+    import assets.loop
+    import assets.warehouse
+
+    from dagster import Definitions
+
+    from assets.resources import ProjectConfigResource, WarehouseResource
+
+    defs_ = Definitions(assets=[assets.warehouse.event_log_projections, assets.loop.production_health],
+                        resources={"warehouse": WarehouseResource(home=str(home)), "project": ProjectConfigResource()})
+    # the cron condition: nothing before 10:10, one request when the cron tick passes
+    instance = DagsterInstance.ephemeral()
+    first = evaluate_automation_conditions(defs_, instance=instance,
+                                           evaluation_time=dt.datetime(2026, 12, 6, 10, 9, tzinfo=dt.UTC))
+    assert first.total_requested == 0
+    ticked = evaluate_automation_conditions(defs_, instance=instance, cursor=first.cursor,
+                                            evaluation_time=dt.datetime(2026, 12, 6, 10, 10, 1, tzinfo=dt.UTC))
+    assert ticked.get_num_requested(AssetKey("event_log_projections")) == 1
+    # eager: once the projections are materialized, production_health is requested (and only it)
+    instance = DagsterInstance.ephemeral()
+    before = evaluate_automation_conditions(defs_, instance=instance)
+    assert before.get_num_requested(AssetKey("production_health")) == 0  # its dependency is missing
+    instance.report_runless_asset_event(AssetMaterialization(AssetKey("event_log_projections")))
+    after = evaluate_automation_conditions(defs_, instance=instance, cursor=before.cursor)
+    assert after.get_num_requested(AssetKey("production_health")) == 1
+    assert after.get_num_requested(AssetKey("event_log_projections")) == 0
