@@ -103,13 +103,10 @@ def test_declarative_automation_refreshes_health_after_the_projections(home) -> 
     """event_log_projections is on a cron condition; production_health follows it eagerly."""
     import datetime as dt
 
-    from dagster import DagsterInstance, evaluate_automation_conditions
+    from dagster import DagsterInstance, Definitions, evaluate_automation_conditions
 
     import assets.loop
     import assets.warehouse
-
-    from dagster import Definitions
-
     from assets.resources import ProjectConfigResource, WarehouseResource
 
     defs_ = Definitions(assets=[assets.warehouse.event_log_projections, assets.loop.production_health],
