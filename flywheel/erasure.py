@@ -971,8 +971,8 @@ def _all_sources(paths: Paths) -> list[str]:
 
 
 def _current_texts(paths: Paths, sources: Iterable[str]) -> str:
-    """The text, title and metadata of the remaining documents of `sources` (the subject's question
-    title carried by other people's answers counts as theirs too: it is left, like a quotation)."""
+    """The text, title and metadata of the remaining documents of `sources`: a string of the subject's
+    that someone else's remaining document also contains (a quotation) is theirs too and is left."""
     out = []
     for s in sources:
         f = paths.dvc_repo / "shards" / "raw" / s / "part-00000.parquet"

@@ -750,7 +750,6 @@ def _se_posts(
     pseudonymize: Pseudonymize | None,
     on_bad: OnBadRecord | None,
 ) -> Iterator[dict[str, Any]]:
-    titles: dict[str, str] = {}  # question id → title, so answers carry their question's title
     for index, row in _iter_rows(path, on_bad):
         post_id = row.get("Id")
         if not post_id:
@@ -761,11 +760,11 @@ def _se_posts(
         title = row.get("Title")
         parent = row.get("ParentId")
         if post_type == "question" and title:
-            titles[post_id] = title
             text = f"{title}\n\n{body}" if body else title
         else:
+            # An answer does not copy its question's title: the title is the asker's text (erasing the
+            # asker must not leave it on other people's answers); `parent_ids` links the question.
             text = body
-            title = title or (titles.get(parent) if parent else None)
         tags = re.findall(r"<([^<>]+)>", row.get("Tags", "")) if row.get("Tags") else []
         meta = {
             "site": site,
