@@ -50,6 +50,7 @@ BOILERPLATE = [
 # The DSR demo's canary: unique strings that must vanish from every store after erasure.
 CANARY_USER = {"id": 4471, "name": "Quentin Zebrowski-Canary", "email": "quentin.canary.4471@example.org"}
 CANARY_TEXT = "CANARY-7c1e-zebra-lantern"
+CANARY_TITLE = "Why did the zebra lantern guild disband in 1871?"  # a question title only the canary wrote
 
 
 def _sentence(rng: random.Random) -> str:
@@ -136,6 +137,8 @@ def write_forum(directory: Path, *, users: int = 30, posts: int = 160, seed: int
             p_rows.append(f'  <row Id="{post_id}" PostTypeId="2" ParentId="{parent}" CreationDate="2025-03-{1 + k % 28:02d}T12:00:00.000" Score="{rng.randint(-2, 30)}" Body="{escape(body, {chr(34): "&quot;"})}" OwnerUserId="{author["id"]}" />')
         else:
             title = escape(f"Why does {rng.choice(SUBJECTS)} {rng.choice(VERBS).rstrip('s')} {rng.choice(OBJECTS)}?")
+            if author["id"] == CANARY_USER["id"]:
+                title = escape(CANARY_TITLE)  # answers by other people reply to it
             p_rows.append(f'  <row Id="{post_id}" PostTypeId="1" CreationDate="2025-03-{1 + k % 28:02d}T11:00:00.000" Score="{rng.randint(0, 50)}" Title="{title}" Tags="&lt;history&gt;" Body="{escape(body, {chr(34): "&quot;"})}" OwnerUserId="{author["id"]}" />')
             questions.append(post_id)
         for _ in range(rng.randint(0, 2)):

@@ -31,7 +31,8 @@ from flywheel import demo_data
 from flywheel.config import Paths
 from warehouse.store import EventStore
 
-NEEDLES = [demo_data.CANARY_USER["name"], demo_data.CANARY_USER["email"], demo_data.CANARY_TEXT]
+NEEDLES = [demo_data.CANARY_USER["name"], demo_data.CANARY_USER["email"], demo_data.CANARY_TEXT,
+           demo_data.CANARY_TITLE]  # the canary's question title: other people's answers reply to that question
 
 
 # --------------------------------------------------------------------------------------------------------
