@@ -901,6 +901,11 @@ def _gate_dedup(cands: list[_Candidate], drops: _Drops, config: SynthesisConfig,
     finally:
         if tmp is not None:
             tmp.cleanup()
+    # identical records (same kind, parents and content: e.g. a teacher that paraphrased twice alike)
+    first_of: dict[str, int] = {}
+    for i, c in enumerate(cands):
+        if i not in dropped and first_of.setdefault(c.record_id, i) != i:
+            dropped[i] = ("exact_duplicate", f"identical to synthetic {c.record_id}")
     # within the batch, SFT samples and pairs separately (a pair and its SFT sample share text on purpose)
     for output in ("sft", "preference"):
         rows = [i for i, c in enumerate(cands) if c.output == output and i not in dropped]

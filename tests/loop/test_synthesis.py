@@ -341,3 +341,23 @@ def test_a_shredded_parent_is_dropped_as_redacted(store, tmp_path) -> None:
     (d,) = drops_of(result, "gone")
     assert (d["stage"], d["reason"], d["preview"]) == ("select", "parent_redacted", None)
     assert {r["parent_ids"][0] for r in result.sft.to_pylist()} == {IID("kept")}
+
+
+def test_identical_candidates_are_dropped_as_exact_duplicates_not_raised() -> None:
+    """A teacher that returns the same paraphrase twice for one parent yields two identical records
+    (same id): the second is dropped with its reason instead of failing the whole batch."""
+    from flywheel.curation.pii import PiiScrubber
+    from flywheel.synthesis import SynthesisConfig, _Candidate, _Drops, _gate_dedup
+
+    def cand(prompt: str) -> _Candidate:
+        c = _Candidate("sft", "paraphrase", "teacher", "json_broken", "c1", ["e1"], ["s1"],
+                       [{"role": "user", "content": prompt}, {"role": "assistant", "content": '{"a": 1}'}])
+        c.assign_id()
+        return c
+
+    same, other = cand("Give me the object with key a set to one"), cand("Return JSON where a equals one, please")
+    cands = [same, cand("Give me the object with key a set to one"), other]
+    drops = _Drops(PiiScrubber())
+    kept = _gate_dedup(cands, drops, SynthesisConfig(), [], None)
+    assert [c.record_id for c in kept] == [same.record_id, other.record_id]
+    assert [(d["stage"], d["reason"], d["record_id"]) for d in drops.rows] == [("dedup", "exact_duplicate", same.record_id)]
