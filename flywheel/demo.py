@@ -21,11 +21,11 @@ Everything runs in this process with Dagster's in-process executor, on the proje
 byte for byte, logged traffic is ingested once (event ids, run keys and persisted sensor cursors), and
 a rerun is simply another turn (new model versions, judged against the champion of the previous one).
 
-Measured on 2 cores (`/usr/bin/time -v flywheel demo`, project config: pretrain 300 steps, SFT 150):
-a fresh home 3 min 04 s wall, 1.28 GB peak RSS — turn 1 promoted (JSON validity 0.77 over the 0.3
-floor), the retrained candidate was rejected (0.13: the tiny teacher's synthetic answers made it worse,
-and the gate caught it). With the earlier, shorter config under load ≈ 4: 3 min 31 s, 1.27 GB; a rerun
-on the same home 1 min 19 s, 1.10 GB.
+Measured on 2 cores (`/usr/bin/time -v flywheel demo`, fresh home, project config: pretrain 300 steps,
+SFT 150, DPO+NLL 30): 2 min 15 s wall, 1.33 GB peak RSS. Turn 1 promoted (JSON validity 0.60 over the
+0.3 floor); the retrained candidate scored 0.60 too and was rejected (the gate wants a gain of 0.02 with
+its bootstrap CI above zero). Under load ≈ 4 with the earlier config: 3 min 31 s, 1.27 GB; a rerun on
+the same home 1 min 19 s, 1.10 GB.
 """
 
 from __future__ import annotations

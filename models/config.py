@@ -178,6 +178,12 @@ class DPOTrainingConfig:
         metadata={"help": "Linear layers that get an adapter (default: all attention and MLP projections)."},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the KL tie to the reference."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "TRL DPO loss terms; ['sigmoid', 'sft'] adds the NLL of the chosen answer (RPO), which "
+                          "keeps DPO from pushing down the likelihood of both answers of near-identical pairs."},
+    )
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of `loss_type` terms."})
     max_steps: int = field(default=50, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"help": "Preference pairs per step."})
     max_length: int = field(default=256, metadata={"help": "Tokens of prompt + completion (keep_start)."})

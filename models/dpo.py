@@ -121,6 +121,8 @@ def dpo_trainer(
         seed=config.seed,
         data_seed=config.seed,
         beta=config.beta,
+        loss_type=list(config.loss_type),
+        loss_weights=list(config.loss_weights) if config.loss_weights else None,
         max_length=config.max_length,
         **trainer_device_args(config.precision),
     )
