@@ -16,6 +16,7 @@ import assets.warehouse
 from assets.resources import DvcResource, ProjectConfigResource, WarehouseResource
 from sensors.failures import failure_sensor, flywheel_loop_job, retrain_schedule
 from sensors.health import collect_failures_job, health_alert_sensor
+from sensors.lineage import lineage_query_job
 from sensors.production_logs import ingest_landing_job, production_log_sensor
 
 defs = Definitions(
@@ -24,7 +25,7 @@ defs = Definitions(
     asset_checks=[assets.curation.dedup_shard_quality, assets.training.tokenizer_inflation,
                   assets.training.preference_pairs_quality, assets.evaluation.candidate_inputs_uncontaminated,
                   assets.evaluation.sealed_sets_unchanged, assets.loop.synthetic_samples_valid],
-    jobs=[ingest_landing_job, flywheel_loop_job, collect_failures_job],
+    jobs=[ingest_landing_job, flywheel_loop_job, collect_failures_job, lineage_query_job],
     sensors=[production_log_sensor, failure_sensor, health_alert_sensor],
     schedules=[retrain_schedule],
     resources={
