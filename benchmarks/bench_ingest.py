@@ -246,10 +246,7 @@ def bulk_fill(store: EventStore, target: int, subjects: list[str]) -> None:
             },
             schema=BATCH_SCHEMA,
         )
-        with store.connect(checkpoint_on_close=False) as con:
-            con.execute("BEGIN")
-            store.append_batch(batch, con=con)
-            con.execute("COMMIT")
+        store.append_batch(batch, checkpoint_on_close=False)
         print(f"  filled to {store.head():,}", flush=True)
     store.checkpoint()
 

@@ -16,8 +16,8 @@ The state, built through the real store API in a temporary `$FLYWHEEL_HOME`:
 
 - events: bulk-appended `InteractionLogged` (85%) and `FeedbackGiven` (15%) over 50,000 subjects
   (uniform: every subject is active over the whole log, the worst case for the subject scan), each with
-  a 300-byte personal part encrypted under its subject's key; `EventStore.append_batch` in batches of
-  245,760 rows, `connect(checkpoint_on_close=False)`, one `checkpoint()` at the end (as
+  a 300-byte personal part encrypted under its subject's key; `EventStore.append_batch(..., checkpoint_on_close=False)`
+  in batches of 245,760 rows, one `checkpoint()` at the end (as
   bench_ingest.py's `bulk_fill`); 200 subjects shredded (keystore + `SubjectShredded`);
 - shards: 4 sources × raw/clean/dedup (1M raw documents, a quarter with a subject; clean keeps 92%,
   dedup 95%), forum's clean and dedup materialized twice, a synthetic shard of 5,000 samples whose
@@ -118,12 +118,19 @@ def bulk_events(store: EventStore, target: int, subjects: list[str], seed: int) 
             },
             schema=BATCH_SCHEMA,
         )
-        with store.connect(checkpoint_on_close=False) as con:
-            con.execute("BEGIN")
-            store.append_batch(batch, con=con)
-            con.execute("COMMIT")
+        store.append_batch(batch, checkpoint_on_close=False)
         print(f"  events: {store.head():,}", flush=True)
     store.checkpoint()
+
+
+def _version_masks(keep: np.ndarray, versions: int, rng: np.random.Generator):
+    """The kept-rows mask of each version of a shard: later versions drop 0.1% more (the probe's stay)."""
+    for v in range(versions):
+        k = keep.copy()
+        if v:
+            k[rng.random(len(k)) < 0.001] = False
+            k[:3] = True
+        yield k
 
 
 def _hex_ids(prefix: str, n: int) -> list[str]:
@@ -183,11 +190,7 @@ def build_lineage_state(store: EventStore, home: Path, subjects: list[str], docs
                                "reason": ["gopher_short"] * len(dropped), "detail": pa.nulls(len(dropped), pa.string())})
         write_parquet_atomic(excl_clean, home / "dvc" / "exclusions" / "clean" / source / "excluded.parquet")
         versions = 2 if source == "forum" else 1
-        for v in range(versions):
-            k = keep_clean.copy()
-            if v:
-                k[rng.random(n) < 0.001] = False
-                k[:3] = True
+        for k in _version_masks(keep_clean, versions, rng):
             publish("clean", source, _manifest(doc_ids[k], clean_ids[k], source, license_, subj[k]), minute := minute + 1)
         keep_dedup = keep_clean & (rng.random(n) < 0.95)
         keep_dedup[:3] = True
@@ -203,11 +206,7 @@ def build_lineage_state(store: EventStore, home: Path, subjects: list[str], docs
             "detail": [json.dumps({"kept_doc_id": k, "kept_batch_id": source, "similarity": 0.9}) for k in kept_for],
         })  # fmt: skip
         write_parquet_atomic(excl_dedup, home / "dvc" / "exclusions" / "dedup" / source / "excluded.parquet")
-        for v in range(versions):
-            k = keep_dedup.copy()
-            if v:
-                k[rng.random(n) < 0.001] = False
-                k[:3] = True
+        for k in _version_masks(keep_dedup, versions, rng):
             publish("dedup", source, _manifest(doc_ids[k], clean_ids[k], source, license_, subj[k]), minute := minute + 1)
 
     # synthetic samples from failing interactions: two of the probe's, the rest random events

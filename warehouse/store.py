@@ -254,19 +254,21 @@ class EventStore:
         expected_versions: Mapping[str, int] | None = None,
         on_conflict: str = "raise",
         con: duckdb.DuckDBPyConnection | None = None,
+        checkpoint_on_close: bool = True,
     ) -> AppendResult:
         """Append an Arrow batch (BATCH_SCHEMA) in one transaction.
 
         on_conflict="raise" raises EventConflictError and appends nothing; "return" appends the
         rest and reports the conflicting row indices (ingestion quarantines them).
         Pass `con` to join a transaction the caller already opened (it must hold `connect()`).
+        Bulk loaders pass `checkpoint_on_close=False` per batch and call `checkpoint()` once at the end.
         """
         if on_conflict not in ("raise", "return"):
             raise ValueError("on_conflict must be 'raise' or 'return'")
         batch = batch.select(BATCH_SCHEMA.names).cast(BATCH_SCHEMA)
         if con is not None:
             return _append(con, self.keys, batch, expected_versions or {}, on_conflict)
-        with self.connect() as con:
+        with self.connect(checkpoint_on_close=checkpoint_on_close) as con:
             con.execute("BEGIN")
             try:
                 result = _append(con, self.keys, batch, expected_versions or {}, on_conflict)
