@@ -252,7 +252,7 @@ def demo(
     records: Annotated[int, typer.Option(help="production-log records to generate")] = 2000,
 ) -> None:
     """The main job on the project's own sample data (no shared data sets needed)."""
-    from flywheel.demo import run_demo
+    from sensors.demo import run_demo
 
     run_demo(records=records, console=console)
 

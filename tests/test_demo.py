@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_turns_the_flywheel_and_reruns_safely(home: Path) -> None:
-    from flywheel.demo import run_demo
     from models.promotion import stream_id
+    from sensors.demo import run_demo
     from warehouse.store import EventStore
 
     out = io.StringIO()

@@ -1,5 +1,8 @@
 """`make demo`: one full turn of the flywheel on the project's own sample data.
 
+It lives with the sensors and jobs because it drives them: it ticks the sensors the daemon would
+tick and materializes what they request (the pure steps it calls stay in flywheel/).
+
     flywheel demo                      # or: make demo; state under $FLYWHEEL_HOME (default ./var)
 
 1. demo data (corpora, instructions, sealed eval items; `flywheel.demo_data`) and a little logged
