@@ -11,6 +11,7 @@
    process: one preparing thread, one appending) and the previous pipeline (`warehouse/ingest.py` as of
    commit PREVIOUS_INGEST, loaded from git, if the history has it). The machine is shared, so ratios
    measured side by side are what count; the load average is recorded with each run.
+   `--baseline REV` runs `warehouse/ingest.py` as of git REV the same way, interleaved (A/B of a change).
    `--stages` measures CPU per event of each step on one core (split, parse+validate, build, encrypt,
    IPC hand-over, append).
 2. The naive path in the same run: the same work row by row (json.loads, per-row validation,
@@ -58,18 +59,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PREVIOUS_INGEST = "774f4bf"  # the last commit with the single-process, chunk-per-transaction pipeline
 
 
-def previous_ingester_class() -> type | None:
-    """`Ingester` of the previous pipeline, loaded from git history (None where git or the commit is missing)."""
+def previous_ingester_class(rev: str = PREVIOUS_INGEST) -> type | None:
+    """`Ingester` of `warehouse/ingest.py` as of git revision `rev` (None where git or the revision is
+    missing). It runs against today's `warehouse.store`."""
     try:
-        source = subprocess.run(["git", "show", f"{PREVIOUS_INGEST}:warehouse/ingest.py"], cwd=ROOT, check=True,
+        source = subprocess.run(["git", "show", f"{rev}:warehouse/ingest.py"], cwd=ROOT, check=True,
                                 capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp(prefix="previous_ingest_")) / "previous_ingest.py"
+    name = f"ingest_at_{rev.replace('~', '_').replace('^', '_')}"
+    # A package of its own beside today's modules, so the worker processes it starts (which import
+    # `warehouse.ingest` from the directory above the module's file) run that revision too.
+    package = Path(tempfile.mkdtemp(prefix="previous_ingest_")) / "warehouse"
+    package.mkdir()
+    for module in (ROOT / "warehouse").glob("*.py"):
+        if module.name != "ingest.py":
+            (package / module.name).symlink_to(module)
+    path = package / "ingest.py"
     path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("previous_ingest", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["previous_ingest"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module.Ingester
 
@@ -274,12 +284,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--naive-events", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3, help="ingest runs per pipeline (the median is reported)")
     parser.add_argument("--compare", action="store_true", help="also run workers=0 and the previous pipeline")
+    parser.add_argument("--baseline", metavar="REV", help="also run warehouse/ingest.py as of git REV, interleaved "
+                        "(A/B of a change on this shared machine)")
     parser.add_argument("--stages", action="store_true", help="CPU per event of each step, on one core")
     parser.add_argument("--no-reads", action="store_true", help="skip the naive path and the read measurements")
     args = parser.parse_args(argv)
     n = args.events or (100_000 if args.quick else 1_000_000)
     large = args.large or (1_000_000 if args.quick else 10_000_000)
     work = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
+    os.chdir(work)  # worker processes import `warehouse` from PYTHONPATH, not from a checkout in the cwd
     log = write_jsonl(work / "traffic.jsonl", n, seed=3, users=50_000)
     print(f"{n:,} records, {log.stat().st_size / 1e6:.0f} MB in {log}")
 
@@ -291,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"previous pipeline ({PREVIOUS_INGEST}) not in this checkout's history: not compared")
         else:
             pipelines["previous"] = lambda store: previous(store)
+    if args.baseline:
+        baseline = previous_ingester_class(args.baseline)
+        if baseline is None:
+            parser.error(f"--baseline {args.baseline}: no warehouse/ingest.py at that revision")
+        pipelines["baseline"] = lambda store: baseline(store)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in pipelines}
     for r in range(args.repeats):
         for name, make in pipelines.items():

@@ -35,6 +35,7 @@ Fields a record carries beyond the schema (schema drift) are kept, encrypted wit
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -62,7 +63,7 @@ import pyarrow.json as pj
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from warehouse.events import EVENT_NAMESPACE
-from warehouse.keystore import KeyStore, SubjectKey
+from warehouse.keystore import KeyStore
 from warehouse.store import BATCH_SCHEMA, EventStore
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -832,62 +833,59 @@ def _scratch_db() -> duckdb.DuckDBPyConnection:
 
 
 class Subjects:
-    """Pseudonyms and keys of the subjects an ingester has met, so each is derived/fetched once.
+    """Pseudonym and key of every user an ingester has met, so each is derived/fetched once.
 
-    A subject shredded meanwhile is dropped before every block (`shredded_subjects()`), so a cached
-    key never encrypts a record that a fresh `KeyStore.keys_for` would have redacted.
+    One cache maps a raw user id to (subject id, the subject's AEAD or None when shredded). When the
+    keystore's set of shredded subjects grows (checked before every block), their entries are dropped,
+    so a cached key never encrypts a record that a fresh `KeyStore.keys_for` would have redacted.
     """
 
-    MAX_CACHED = 1 << 21  # subjects; past this the caches start over
+    MAX_CACHED = 1 << 21  # users; past this the cache starts over
 
     def __init__(self, keys: KeyStore) -> None:
         self.keys = keys
-        self._pseudonyms: dict[str, str] = {}
-        self._keys: dict[str, SubjectKey] = {}
+        self._cache: dict[str, tuple[str, AESGCM | None]] = {}
+        self._shredded: set[str] = set()
 
-    def pseudonymize(self, user_ids: list[str]) -> list[str]:
-        cache = self._pseudonyms
+    def resolve(self, user_ids: list[str]) -> tuple[tuple[str, ...], tuple[AESGCM | None, ...]]:
+        """Subject id and AEAD (None: shredded) of each user id, in order; keys created where missing."""
+        cache = self._cache
+        shredded = self.keys.shredded_subjects()
         if len(cache) > self.MAX_CACHED:
             cache.clear()
+        elif not shredded <= self._shredded:
+            gone = shredded - self._shredded
+            cache = self._cache = {u: hit for u, hit in cache.items() if hit[0] not in gone}
+        self._shredded = shredded
         missing = [u for u in user_ids if u not in cache]
         if missing:
-            cache.update(self.keys.pseudonymize_many(missing))
-        return [cache[u] for u in user_ids]
-
-    def keys_for(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
-        """Keys of these subjects, created where missing; shredded subjects are absent."""
-        cache = self._keys
-        if len(cache) > self.MAX_CACHED:
-            cache.clear()
-        for s in self.keys.shredded_subjects():
-            cache.pop(s, None)
-        wanted = set(subject_ids)
-        missing = wanted - cache.keys()
-        if missing:
-            cache.update(self.keys.keys_for(missing))
-        return {s: cache[s] for s in wanted if s in cache}
+            pseudonyms = self.keys.pseudonymize_many(missing)
+            found = self.keys.keys_for(pseudonyms.values())
+            for user_id, subject_id in pseudonyms.items():
+                key = found.get(subject_id)
+                cache[user_id] = (subject_id, key._aead if key is not None else None)
+        if not user_ids:
+            return (), ()
+        subject_ids, aeads = zip(*map(cache.__getitem__, user_ids), strict=True)
+        return subject_ids, aeads
 
 
 def build_events(records: pa.Table, subjects: Subjects) -> tuple[pa.Table, int]:
     """Valid records → an Arrow batch for `EventStore.append_batch`; returns (batch, redacted count).
 
-    Rows keep the order of `records`.
+    Rows keep the order of `records`. Per-user work (pseudonym, key) is done once per distinct user.
     """
     user_ids = records.column("user_id")
     uniq = pc.unique(user_ids)
-    subject_of = pa.array(subjects.pseudonymize(uniq.to_pylist()), pa.string())
-    subject_ids = pc.take(subject_of, pc.index_in(user_ids, uniq))
+    subject_ids, aeads = subjects.resolve(uniq.to_pylist())
+    codes = pc.index_in(user_ids, uniq)  # each row's user, as a position in `uniq`
     con = _scratch_db()
-    con.register("_records", records.append_column("subject_id", subject_ids))
+    con.register("_records", records.append_column("subject_id", pc.take(pa.array(subject_ids, pa.string()), codes)))
     try:
         built = con.sql(_PLAINTEXT_SQL).to_arrow_table()
     finally:
         con.unregister("_records")
-    subject_keys = subjects.keys_for(subject_of.to_pylist())
-    # Each row's key by the position of its subject in `subject_of` (None: shredded subject).
-    aeads = [subject_keys[s]._aead if s in subject_keys else None for s in subject_of.to_pylist()]
-    codes = pc.index_in(built.column("subject_id"), subject_of).to_numpy()
-    pii, redacted = encrypt_rows(built.column("plaintext"), built.column("event_id"), codes, aeads)
+    pii, redacted = encrypt_rows(built.column("plaintext"), built.column("event_id"), codes.to_numpy(), list(aeads))
     batch = built.select(["event_id", "stream_id", "type", "schema_version", "occurred_at", "subject_id", "payload"])
     return batch.append_column("pii", pii).cast(BATCH_SCHEMA), redacted
 
@@ -900,7 +898,7 @@ def encrypt_rows(
 
     Nonces are 96-bit: 64 random bits per call plus a 32-bit counter (NIST SP 800-38D 8.2.1), the
     same scheme as `keystore.NonceSequence`. The hot loop is one `AESGCM.encrypt` per row driven by
-    `map` (no interpreter loop); the results are laid out once into one Arrow buffer.
+    `map` (no interpreter loop); the results are joined once into one Arrow buffer.
     """
     n = len(plaintext)
     keyed = np.array([a is not None for a in aeads], dtype=bool)[codes] if n else np.zeros(0, dtype=bool)
@@ -915,22 +913,16 @@ def encrypt_rows(
     ids = pc.cast(aad, pa.binary()).to_pylist()
     if m < n:
         plain, ids = [plain[i] for i in rows.tolist()], [ids[i] for i in rows.tolist()]
-    sealed = list(map(AESGCM.encrypt, map(aeads.__getitem__, codes[rows].tolist()), nonces.view("V12").ravel().tolist(), plain, ids))
-    # nonce || ciphertext+tag per row, laid out once into one Arrow buffer
+    nonce_list = nonces.view("V12").ravel().tolist()
+    sealed = list(map(AESGCM.encrypt, map(aeads.__getitem__, codes[rows].tolist()), nonce_list, plain, ids))
+    # nonce || ciphertext+tag per row (GCM: as long as the plaintext, +16), joined into one buffer
     sizes = np.zeros(n, dtype=np.int64)
-    sizes[rows] = np.fromiter(map(len, sealed), dtype=np.int64, count=m) + 12
+    sizes[rows] = pc.binary_length(plaintext).to_numpy()[rows] + 12 + 16
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     if offsets[-1] >= 1 << 31:  # pragma: no cover - blocks are far smaller
         raise ValueError("encrypted block larger than 2 GiB")
-    data = pa.allocate_buffer(int(offsets[-1]))
-    out = np.frombuffer(data, dtype=np.uint8)
-    starts = offsets[rows]
-    if m:
-        out[(starts[:, None] + np.arange(12)).ravel()] = nonces.ravel()
-    view = memoryview(data).cast("B")
-    for s, blob in zip((starts + 12).tolist(), sealed, strict=True):
-        view[s : s + len(blob)] = blob
+    data = pa.py_buffer(b"".join(itertools.chain.from_iterable(zip(nonce_list, sealed, strict=True))))
     validity = pa.py_buffer(np.packbits(keyed, bitorder="little").tobytes())
     pii = pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.astype(np.int32)), data], null_count=n - m)
     return pii, n - m
@@ -1223,6 +1215,9 @@ def _recv(stream: Any) -> bytes:
 
 def _worker_main(keys_path: str) -> None:
     """A worker process: prepare the byte ranges sent on stdin until stdin closes."""
+    # The appender (one process, one DuckDB writer) is the pipeline's serial stage: when the cores
+    # are contended, it goes first, and workers fill what it leaves.
+    os.nice(int(os.environ.get("FLYWHEEL_INGEST_WORKER_NICE", "5")))
     inbox = os.fdopen(os.dup(0), "rb")
     outbox = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints must not corrupt the protocol
