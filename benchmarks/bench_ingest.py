@@ -144,17 +144,15 @@ def stage_costs(log: Path, work: Path, lines: int) -> dict[str, float]:
             records = wi.parse_block(block, use_threads=False)[0]
         with clock("pseudonymize_keys"):
             uniq = pc.unique(records.column("user_id"))
-            subject_of = pa.array(subjects.pseudonymize(uniq.to_pylist()), pa.string())
-            subject_ids = pc.take(subject_of, pc.index_in(records.column("user_id"), uniq))
+            subject_ids, aeads = subjects.resolve(uniq.to_pylist())
+            codes = pc.index_in(records.column("user_id"), uniq)
+            subject_col = pc.take(pa.array(subject_ids, pa.string()), codes)
         con = wi._scratch_db()
-        con.register("_records", records.append_column("subject_id", subject_ids))
+        con.register("_records", records.append_column("subject_id", subject_col))
         with clock("build_sql"):
             built = con.sql(wi._PLAINTEXT_SQL).to_arrow_table()
         con.unregister("_records")
-        with clock("pseudonymize_keys"):
-            found = subjects.keys_for(subject_of.to_pylist())
-            aeads = [found[s]._aead if s in found else None for s in subject_of.to_pylist()]
-            codes = pc.index_in(built.column("subject_id"), subject_of).to_numpy()
+        codes, aeads = codes.to_numpy(), list(aeads)
         with clock("encrypt"):
             pii, _ = wi.encrypt_rows(built.column("plaintext"), built.column("event_id"), codes, aeads)
         batch = built.select(["event_id", "stream_id", "type", "schema_version", "occurred_at", "subject_id", "payload"])
