@@ -122,7 +122,6 @@ class _Clock:
 def stage_costs(log: Path, work: Path, lines: int) -> dict[str, float]:
     """CPU µs per event of each step, one core, on about `lines` lines after a warm-up block (the first
     block creates every subject's key: not the steady state)."""
-    import pyarrow.compute as pc
 
     from warehouse import ingest as wi
 
@@ -143,16 +142,12 @@ def stage_costs(log: Path, work: Path, lines: int) -> dict[str, float]:
         with clock("parse_validate"):
             records = wi.parse_block(block, use_threads=False)[0]
         with clock("pseudonymize_keys"):
-            uniq = pc.unique(records.column("user_id"))
-            subject_ids, aeads = subjects.resolve(uniq.to_pylist())
-            codes = pc.index_in(records.column("user_id"), uniq)
-            subject_col = pc.take(pa.array(subject_ids, pa.string()), codes)
+            subject_col, codes, aeads = wi.subject_columns(records, subjects)
         con = wi._scratch_db()
         con.register("_records", records.append_column("subject_id", subject_col))
         with clock("build_sql"):
             built = con.sql(wi._PLAINTEXT_SQL).to_arrow_table()
         con.unregister("_records")
-        codes, aeads = codes.to_numpy(), list(aeads)
         with clock("encrypt"):
             pii, _ = wi.encrypt_rows(built.column("plaintext"), built.column("event_id"), codes, aeads)
         batch = built.select(["event_id", "stream_id", "type", "schema_version", "occurred_at", "subject_id", "payload"])

@@ -870,22 +870,29 @@ class Subjects:
         return subject_ids, aeads
 
 
-def build_events(records: pa.Table, subjects: Subjects) -> tuple[pa.Table, int]:
-    """Valid records → an Arrow batch for `EventStore.append_batch`; returns (batch, redacted count).
-
-    Rows keep the order of `records`. Per-user work (pseudonym, key) is done once per distinct user.
-    """
+def subject_columns(records: pa.Table, subjects: Subjects) -> tuple[pa.ChunkedArray, np.ndarray, list[AESGCM | None]]:
+    """Each record's subject id, and what `encrypt_rows` needs: each row's position among the block's
+    distinct users (`codes`) and those users' AEADs. Per-user work is done once per distinct user."""
     user_ids = records.column("user_id")
     uniq = pc.unique(user_ids)
     subject_ids, aeads = subjects.resolve(uniq.to_pylist())
-    codes = pc.index_in(user_ids, uniq)  # each row's user, as a position in `uniq`
+    codes = pc.index_in(user_ids, uniq)
+    return pc.take(pa.array(subject_ids, pa.string()), codes), codes.to_numpy(), list(aeads)
+
+
+def build_events(records: pa.Table, subjects: Subjects) -> tuple[pa.Table, int]:
+    """Valid records → an Arrow batch for `EventStore.append_batch`; returns (batch, redacted count).
+
+    Rows keep the order of `records`.
+    """
+    subject_ids, codes, aeads = subject_columns(records, subjects)
     con = _scratch_db()
-    con.register("_records", records.append_column("subject_id", pc.take(pa.array(subject_ids, pa.string()), codes)))
+    con.register("_records", records.append_column("subject_id", subject_ids))
     try:
         built = con.sql(_PLAINTEXT_SQL).to_arrow_table()
     finally:
         con.unregister("_records")
-    pii, redacted = encrypt_rows(built.column("plaintext"), built.column("event_id"), codes.to_numpy(), list(aeads))
+    pii, redacted = encrypt_rows(built.column("plaintext"), built.column("event_id"), codes, aeads)
     batch = built.select(["event_id", "stream_id", "type", "schema_version", "occurred_at", "subject_id", "payload"])
     return batch.append_column("pii", pii).cast(BATCH_SCHEMA), redacted
 
