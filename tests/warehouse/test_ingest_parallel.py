@@ -178,6 +178,44 @@ def test_commits_are_whole_row_groups_and_acknowledge_lines_in_order(tmp_path, h
     assert Ingester(store, chunk_lines=3 * ROW_GROUP_ROWS + 5).commit_events == 3 * ROW_GROUP_ROWS
 
 
+PROBE = """
+import sys
+from pathlib import Path
+from warehouse.store import EventStore
+try:
+    print(EventStore(Path(sys.argv[1]), lock_timeout=0.5).head())
+except Exception as e:  # the lock's timeout, or the file held by the other process
+    print(type(e).__name__)
+"""
+
+
+def read_from_another_process(db: Path) -> str:
+    return subprocess.run([sys.executable, "-c", PROBE, str(db)], cwd=ROOT, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def test_warehouse_is_held_across_commits_for_hold_seconds(tmp_path, home, keys) -> None:
+    """Within `hold_seconds` the ingester keeps the warehouse between transactions (another process
+    waits; the ingesting thread can still read it); with 0 it lets go after every commit."""
+    log = messy_log(tmp_path / "messy.jsonl", n=300, conflicts=False)
+    seen: dict[float, list[tuple[str, int, int]]] = {}
+    for hold in (3600.0, 0.0):
+        db = home / f"hold{hold:g}.duckdb"
+        store = EventStore(db, keystore=keys)
+        probes = seen[hold] = []
+
+        def on_commit(report: FileReport, line: int, store=store, db=db, probes=probes) -> None:
+            if len(probes) < 2:
+                probes.append((read_from_another_process(db), store.head(), report.ingested))
+
+        Ingester(store, chunk_lines=50, on_commit=on_commit, hold_seconds=hold).ingest_file(log)
+        assert len(probes) == 2
+        for other, head, ingested in probes:
+            assert head == ingested  # this thread reads through the held connection
+            assert other == ("Timeout" if hold else str(ingested)), (hold, other)
+        assert read_from_another_process(db) == str(store.head())  # released when the file is done
+
+
 KILLED_INGEST = """
 import sys
 from pathlib import Path
