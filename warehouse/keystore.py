@@ -123,23 +123,22 @@ class KeyStore:
     def keys_for(self, subject_ids: Iterable[str], *, create: bool = True) -> dict[str, SubjectKey]:
         """Keys of these subjects, creating missing ones; shredded subjects are absent from the result.
 
-        Creation is race-free across processes: INSERT OR IGNORE, then read back the winner's key.
+        Creation is race-free across processes: the lookup and the inserts are one IMMEDIATE
+        transaction (SQLite's write lock), so no other process can create the same key in between.
         """
         wanted = sorted(set(subject_ids))
-        found: dict[str, bytes] = {}
         con = self._conn()
         with con:
-            if create and wanted:
-                shredded = self._select_in(con, "SELECT subject_id FROM tombstones", wanted)
+            found: dict[str, bytes] = dict(
+                self._select_in(con, "SELECT subject_id, material FROM subject_keys", wanted, pairs=True)
+            )
+            missing = [s for s in wanted if s not in found]
+            if create and missing:
+                shredded = self._select_in(con, "SELECT subject_id FROM tombstones", missing)
                 now = datetime.now(UTC).isoformat()
-                con.executemany(
-                    "INSERT OR IGNORE INTO subject_keys(subject_id, material, created_at) VALUES (?,?,?)",
-                    [(s, os.urandom(KEY_BYTES), now) for s in wanted if s not in shredded],
-                )
-            for sid, material in self._select_in(
-                con, "SELECT subject_id, material FROM subject_keys", wanted, pairs=True
-            ):
-                found[sid] = material
+                created = [(s, os.urandom(KEY_BYTES), now) for s in missing if s not in shredded]
+                con.executemany("INSERT INTO subject_keys(subject_id, material, created_at) VALUES (?,?,?)", created)
+                found.update((s, material) for s, material, _ in created)
         return {s: SubjectKey(s, m) for s, m in found.items()}
 
     def key_for(self, subject_id: str, *, create: bool = False) -> SubjectKey:

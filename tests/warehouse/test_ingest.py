@@ -239,3 +239,23 @@ def test_byte_ranges_cover_a_file_exactly_once(tmp_path, store) -> None:
     assert store.head() == 12
     bad = read_quarantine(store)
     assert bad == []
+
+
+def test_a_subject_shredded_between_files_is_redacted_by_the_same_ingester(tmp_path, store) -> None:
+    """The ingester caches each user's subject id and key; a shred in between must reach the cache."""
+    ingester = Ingester(store, workers=0)
+    first = ingester.ingest_file(write(tmp_path / "a.jsonl", [line(record(i)) for i in range(6)]))
+    assert first.ingested == 6 and first.redacted == 0
+    shredded = store.keys.pseudonymize("user0@example.com")
+    assert store.shred_subject(shredded)
+    second = ingester.ingest_file(write(tmp_path / "b.jsonl", [line(record(i)) for i in range(6, 15)]))
+    assert second.ingested == 9
+    assert second.redacted == 3  # r6, r9, r12: user0's records come without their personal part
+    for i in range(6, 15):
+        (event,) = store.read(stream_id=f"interaction-r{i}")
+        if i % 3 == 0:
+            assert event.subject_id == shredded and event.data.messages is None and event.data.user_id is None
+        else:
+            assert not event.redacted and event.data.messages == [{"role": "user", "content": f"question {i}"}]
+    again = ingester.ingest_file(write(tmp_path / "c.jsonl", [line(record(15, user_id="new@example.com"))]))
+    assert again.ingested == 1 and again.redacted == 0  # a user met after the shred still gets a key
