@@ -1082,12 +1082,18 @@ class _Appender:
         return self.tx.events if self.tx is not None else 0
 
     def finish(self) -> None:
-        """Commit what is left and let the warehouse go."""
+        """Commit what is left, fold the WAL into the database file, and let the warehouse go."""
         if self.parts:
             self._stage(None)
         if self.tx is not None:
             self._commit()
-        self.close()
+        if self.con is not None:
+            # on this connection: a new one would first replay the WAL (measured ~0.1 s at 1M events)
+            self.con.execute("CHECKPOINT")
+            self._aligned = True
+            self.close()
+        elif not self._aligned:  # released after a partial row group, which stayed in the WAL
+            self.ingester.store.checkpoint()
 
     def close(self) -> None:
         """Roll back an unfinished transaction (an error stopped the ingest) and release the connection."""
@@ -1459,7 +1465,6 @@ class Ingester:
             self._ingest(path, report, appender, start_offset, end_offset, complete_lines_only, progress)
         finally:
             appender.close()  # after an error: roll back the open transaction, release the warehouse
-        self.store.checkpoint()
         if report.truncated_gzip:
             report.reasons["file: truncated gzip stream (the rest of the file is missing)"] += 1
         report.check()
