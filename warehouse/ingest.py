@@ -49,7 +49,7 @@ import uuid
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1102,7 +1102,8 @@ class _Appender:
         try:
             if self.tx is not None:
                 self.tx = None
-                self.con.execute("ROLLBACK")
+                with suppress(duckdb.Error):  # a failed COMMIT has ended the transaction already
+                    self.con.execute("ROLLBACK")
             if not self._aligned:
                 # the partial row group stays in the WAL: a checkpoint would rewrite it at every commit
                 self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
@@ -1271,7 +1272,11 @@ class _Workers:
     def submit(self, worker: int, task: dict[str, Any]) -> None:
         self.seq += 1
         task["out"] = str(self.dir / f"{self.seq}.arrow")
-        _send(self.procs[worker].stdin, json.dumps(task).encode())
+        proc = self.procs[worker]
+        try:
+            _send(proc.stdin, json.dumps(task).encode())
+        except OSError as e:  # a broken pipe: the worker is gone
+            raise RuntimeError(f"ingest worker {proc.pid} died (exit code {proc.poll()})") from e
 
     def receive(self, worker: int, raw: Callable[[int, int], bytes]) -> _Part:
         proc = self.procs[worker]

@@ -218,6 +218,34 @@ def test_warehouse_is_held_across_commits_for_hold_seconds(tmp_path, home, keys)
         assert read_from_another_process(db) == str(store.head())  # and the warehouse released
 
 
+def test_a_worker_dying_mid_ingest_fails_it_and_releases_the_warehouse(tmp_path, home, keys) -> None:
+    """The ingester holds the warehouse between transactions; an error in the pipeline (here a worker
+    SIGKILLed) must end the ingest with a clear error and let the warehouse go, with every committed
+    transaction intact, so a re-run completes the file exactly."""
+    log = messy_log(tmp_path / "messy.jsonl")
+    reference = ingest(home, "reference", keys, log)
+    db = home / "victim.duckdb"
+    store = EventStore(db, keystore=keys)
+    killed: list[int] = []
+
+    def kill_a_worker(report: FileReport, line: int) -> None:
+        if not killed:
+            killed.append(children_of(os.getpid())[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    ingester = Ingester(store, max_line_bytes=4096, workers=2, parallel_min_bytes=0, block_bytes=20_000,
+                        chunk_lines=50, hold_seconds=3600, on_commit=kill_a_worker)
+    with pytest.raises(RuntimeError, match="ingest worker .* died") as failure:
+        ingester.ingest_file(log)
+    assert killed
+    committed = read_from_another_process(db)  # not locked out, though the failed ingest is still referenced
+    assert failure.value.__traceback__ is not None
+    assert 0 < int(committed) < len(reference["events"])
+    report = Ingester(store, max_line_bytes=4096, workers=0).ingest_file(log)
+    assert report.duplicates >= int(committed)  # what was committed is not stored twice
+    assert snapshot(store, report)["events"] == reference["events"]
+
+
 KILLED_INGEST = """
 import sys
 from pathlib import Path
