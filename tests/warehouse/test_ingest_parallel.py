@@ -229,8 +229,9 @@ def test_a_worker_dying_mid_ingest_fails_it_and_releases_the_warehouse(tmp_path,
     killed: list[int] = []
 
     def kill_a_worker(report: FileReport, line: int) -> None:
-        if not killed:
-            killed.append(children_of(os.getpid())[0])
+        if not killed:  # this ingest's workers (other tests may have left children of this process)
+            workers = [pid for pid in children_of(os.getpid()) if b"_worker_main" in cmdline(pid)]
+            killed.append(workers[0])
             os.kill(killed[0], signal.SIGKILL)
 
     ingester = Ingester(store, max_line_bytes=4096, workers=2, parallel_min_bytes=0, block_bytes=20_000,
@@ -256,6 +257,13 @@ Ingester(EventStore(Path(sys.argv[1])), chunk_lines=100, workers=2, parallel_min
          on_commit=ack).ingest_file(Path(sys.argv[2]))
 print("DONE", flush=True)
 """
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile
+        return b""
 
 
 def children_of(pid: int) -> list[int]:
