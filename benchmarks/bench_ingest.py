@@ -142,7 +142,7 @@ def stage_costs(log: Path, work: Path, lines: int) -> dict[str, float]:
         with clock("parse_validate"):
             records = wi.parse_block(block, use_threads=False)[0]
         with clock("pseudonymize_keys"):
-            subject_col, codes, aeads = wi.subject_columns(records, subjects)
+            subject_col, codes, aeads = subjects.resolve(records.column("user_id"))
         con = wi._scratch_db()
         con.register("_records", records.append_column("subject_id", subject_col))
         with clock("build_sql"):

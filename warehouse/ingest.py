@@ -860,7 +860,8 @@ class Subjects:
 
     def resolve(self, user_ids: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray, list[AESGCM | None]]:
         """Each row's subject id, and what `encrypt_rows` needs: each row's position in the cache
-        (`codes`) and the cache's AEADs (None: shredded). Keys are created where missing."""
+        (`codes`) and the cache's AEADs (None: shredded). Keys are created where missing; per-user
+        work is done once per user."""
         shredded = self.keys.shredded_subjects()
         if len(self._aeads) > self.MAX_CACHED:
             self._clear()
@@ -882,18 +883,12 @@ class Subjects:
         return pc.take(self._subject_ids, codes), codes.to_numpy(), self._aeads
 
 
-def subject_columns(records: pa.Table, subjects: Subjects) -> tuple[pa.ChunkedArray, np.ndarray, list[AESGCM | None]]:
-    """Each record's subject id, and what `encrypt_rows` needs: each row's position among the users
-    `subjects` knows (`codes`) and those users' AEADs."""
-    return subjects.resolve(records.column("user_id"))
-
-
 def build_events(records: pa.Table, subjects: Subjects) -> tuple[pa.Table, int]:
     """Valid records → an Arrow batch for `EventStore.append_batch`; returns (batch, redacted count).
 
     Rows keep the order of `records`.
     """
-    subject_ids, codes, aeads = subject_columns(records, subjects)
+    subject_ids, codes, aeads = subjects.resolve(records.column("user_id"))
     con = _scratch_db()
     con.register("_records", records.append_column("subject_id", subject_ids))
     try:
@@ -1019,15 +1014,13 @@ def prepare_block(block: Block, path: str, subjects: Subjects, *, use_threads: b
 
 
 @dataclass
-class _Transaction:
-    """What the open transaction holds so far; added to the file's report when it commits."""
+class _Written:
+    """What one transaction wrote; added to the file's report once it has committed."""
 
     events: int = 0  # events handed to the store (appended, duplicates and conflicts)
-    read: int = 0
     appended: int = 0
     duplicates: int = 0
     redacted: int = 0
-    last_line: int = -1  # last non-blank line covered
     reasons: list[str] = field(default_factory=list)  # one per quarantined line
     drift: Counter[str] = field(default_factory=Counter)
 
@@ -1051,12 +1044,11 @@ class _Appender:
         self.commit_events = commit_events
         self.hold_seconds = hold_seconds
         self.parts: deque[_Part] = deque()
-        self.event_pos = 0  # events of parts[0] already staged
+        self.event_pos = 0  # events of parts[0] already committed
         self.quarantine_pos = 0
-        self.done = -1  # last line staged (-1: none yet)
-        self.pending_events = 0  # not yet staged
+        self.done = -1  # last line committed (-1: none yet)
+        self.pending_events = 0
         self.pending_lines = 0
-        self.tx: _Transaction | None = None
         self.con: duckdb.DuckDBPyConnection | None = None
         self._connection: ExitStack | None = None
         self._opened_at = 0.0
@@ -1070,23 +1062,15 @@ class _Appender:
         self.parts.append(part)
         self.pending_events += part.events.num_rows if part.events is not None else 0
         self.pending_lines += part.line_count
-        while self.staged_events + self.pending_events >= self.commit_events:
-            self._stage(self._line_of_event(self.commit_events - self.staged_events))
-            self._commit()
+        while self.pending_events >= self.commit_events:
+            self._commit(self._line_of_event(self.commit_events))
         if self.pending_lines >= 2 * self.commit_events:  # a run of bad lines: do not hold it all
-            self._stage(None)
-            self._commit()
-
-    @property
-    def staged_events(self) -> int:
-        return self.tx.events if self.tx is not None else 0
+            self._commit(None)
 
     def finish(self) -> None:
         """Commit what is left, fold the WAL into the database file, and let the warehouse go."""
         if self.parts:
-            self._stage(None)
-        if self.tx is not None:
-            self._commit()
+            self._commit(None)
         if self.con is not None:
             # on this connection: a new one would first replay the WAL (measured ~0.1 s at 1M events)
             self.con.execute("CHECKPOINT")
@@ -1096,14 +1080,10 @@ class _Appender:
             self.ingester.store.checkpoint()
 
     def close(self) -> None:
-        """Roll back an unfinished transaction (an error stopped the ingest) and release the connection."""
+        """Release the connection (at the end of a file, after the hold, or after an error)."""
         if self._connection is None:
             return
         try:
-            if self.tx is not None:
-                self.tx = None
-                with suppress(duckdb.Error):  # a failed COMMIT has ended the transaction already
-                    self.con.execute("ROLLBACK")
             if not self._aligned:
                 # the partial row group stays in the WAL: a checkpoint would rewrite it at every commit
                 self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
@@ -1122,22 +1102,21 @@ class _Appender:
             pos = 0
         raise AssertionError("fewer pending events than asked for")
 
-    def _begin(self) -> None:
+    def _connect(self) -> duckdb.DuckDBPyConnection:
         if self._connection is None:
             self._connection = ExitStack()
             self.con = self._connection.enter_context(self.ingester.store.connect())
             self.con.execute("SET threads=1")  # the preparing side has the other core: ~20% less CPU per row
             self._opened_at = time.monotonic()
-        self.con.execute("BEGIN")
-        self.tx = _Transaction()
+        return self.con
 
-    def _stage(self, upto: int | None) -> None:
-        """Append every pending line up to line `upto` (None: all pending lines) to the open transaction."""
+    def _commit(self, upto: int | None) -> None:
+        """Commit every pending line up to line `upto` (None: all pending lines), in one transaction."""
         pieces: list[tuple[pa.Table, _Part]] = []
         quarantine: list[pa.Table] = []
         drift: list[tuple[int, str]] = []
         read = 0
-        last = -1
+        last = self.done
         while self.parts:
             part = self.parts[0]
             end = part.last_line if upto is None else min(upto, part.last_line)
@@ -1168,44 +1147,33 @@ class _Appender:
             break
         if not read:
             return
-        if self.tx is None:
-            self._begin()
-        tx = self.tx
+        con = self._connect()
+        con.execute("BEGIN")
         try:
-            self.ingester._stage(self.con, self.report.path, pieces, quarantine, drift, tx)
+            written = self.ingester._write(con, self.report.path, pieces, quarantine, drift)
+            con.execute("COMMIT")
         except BaseException:
+            with suppress(duckdb.Error):  # a failed COMMIT has ended the transaction already
+                con.execute("ROLLBACK")
             self.close()
             raise
-        tx.read += read
-        tx.last_line = max(tx.last_line, last)
-
-    def _commit(self) -> None:
-        tx = self.tx
-        if tx is None:
-            return
-        try:
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.close()
-            raise
-        self.tx = None
-        self._aligned = tx.events % ROW_GROUP_ROWS == 0
+        self._aligned = written.events % ROW_GROUP_ROWS == 0
         report = self.report
-        report.read += tx.read
-        report.ingested += tx.appended
-        report.duplicates += tx.duplicates
-        report.quarantined += len(tx.reasons)
-        report.redacted += tx.redacted
-        report.drift_fields.update(tx.drift)
-        for reason in tx.reasons:
+        report.read += read
+        report.ingested += written.appended
+        report.duplicates += written.duplicates
+        report.quarantined += len(written.reasons)
+        report.redacted += written.redacted
+        report.drift_fields.update(written.drift)
+        for reason in written.reasons:
             report.reasons[_reason_kind(reason)] += 1
         if time.monotonic() - self._opened_at >= self.hold_seconds:
             self.close()  # checkpoints, if the commit was aligned
         elif self._aligned:
             # what closing would do: later commits on a connection that skips it were measured slower
-            self.con.execute("CHECKPOINT")
+            con.execute("CHECKPOINT")
         if self.ingester.on_commit:  # runs in this thread: the store is usable from it (re-entrant)
-            self.ingester.on_commit(report, tx.last_line)
+            self.ingester.on_commit(report, last)
 
 
 # --- worker processes ------------------------------------------------------------------------------
@@ -1598,16 +1566,16 @@ class Ingester:
         else:
             workers.close()
 
-    def _stage(
+    def _write(
         self,
         con: duckdb.DuckDBPyConnection,
         path: str,
         pieces: list[tuple[pa.Table, _Part]],
         quarantine_parts: list[pa.Table],
         drift_pairs: list[tuple[int, str]],
-        tx: _Transaction,
-    ) -> None:
-        """Into the open transaction `tx`: the events of `pieces`, the quarantine rows, the drift counts."""
+    ) -> _Written:
+        """Into the transaction open on `con`: the events of `pieces`, the quarantine rows, the drift counts."""
+        written = _Written()
         batch = pa.concat_tables([t for t, _ in pieces]) if pieces else None
         quarantine = pa.concat_tables(quarantine_parts) if quarantine_parts else None
         drift = Counter(name for _, name in drift_pairs)
@@ -1617,10 +1585,9 @@ class Ingester:
         bad_reasons = quarantine.column("reason").to_pylist() if quarantine is not None else []
         if batch is not None:
             result = self.store.append_batch(batch, on_conflict="return", con=con)
-            tx.events += batch.num_rows
-            tx.appended += result.appended
-            tx.duplicates += result.duplicates
-            tx.redacted += sum(t.column("pii").null_count for t, _ in pieces)
+            written.events = batch.num_rows
+            written.appended, written.duplicates = result.appended, result.duplicates
+            written.redacted = sum(t.column("pii").null_count for t, _ in pieces)
             if result.conflicts:
                 conflicts = _conflict_lines(pieces, result.conflicts)
                 bad_reasons.extend(b.reason for b in conflicts)
@@ -1638,8 +1605,9 @@ class Ingester:
                 """,
                 [name, path, first_line[name], count],
             )
-        tx.reasons.extend(bad_reasons)
-        tx.drift.update(drift)
+        written.reasons = bad_reasons
+        written.drift = drift
+        return written
 
 
 def _reporting(blocks: Iterator[Block], progress: Callable[[int], None] | None) -> Iterator[Block]:
